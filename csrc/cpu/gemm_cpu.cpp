@@ -1,0 +1,118 @@
+#include "gemm_cpu.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+// MKL's CBLAS mixed-precision GEMMs (LP64: 32-bit integers). libtorch_cpu exports them where it
+// links MKL; weak references leave them null elsewhere.
+extern "C" {
+__attribute__((weak)) void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m,
+                                                  int n, int k, float alpha, const uint16_t* a,
+                                                  int lda, const uint16_t* b, int ldb, float beta,
+                                                  float* c, int ldc);
+__attribute__((weak)) void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n,
+                                                int k, float alpha, const uint16_t* a, int lda,
+                                                const uint16_t* b, int ldb, float beta, float* c,
+                                                int ldc);
+}
+
+namespace mtp::cpu {
+namespace {
+
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr int64_t kSlabBytes = int64_t(8) << 20;  // temporaries of the fallback path
+
+using MixedGemm = void (*)(int, int, int, int, int, int, float, const uint16_t*, int,
+                           const uint16_t*, int, float, float*, int);
+
+MixedGemm mixed_gemm(at::ScalarType t) {
+  const char* off = std::getenv("MTP_EXT_DISABLE_MIXED_GEMM");
+  if (off && std::strcmp(off, "1") == 0) return nullptr;
+  if (t == at::kBFloat16) return cblas_gemm_bf16bf16f32;
+  if (t == at::kHalf) return cblas_gemm_f16f16f32;
+  return nullptr;
+}
+
+const uint16_t* u16(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
+
+int as_int(int64_t v) {
+  TORCH_CHECK(v <= INT32_MAX, "mtp_ext: GEMM dimension ", v, " exceeds the 32-bit BLAS interface");
+  return static_cast<int>(v);
+}
+
+// Vocabulary slabs for the fallback path, so that its temporaries stay small.
+int64_t slab_rows(const at::Tensor& w) {
+  return std::max<int64_t>(16, kSlabBytes / std::max<int64_t>(1, w.size(1) * w.element_size()));
+}
+
+}  // namespace
+
+bool mixed_gemm_available(at::ScalarType t) { return mixed_gemm(t) != nullptr; }
+
+void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) {
+  const auto t = x.scalar_type();
+  if (t == at::kFloat || t == at::kDouble) {
+    at::mm_out(const_cast<at::Tensor&>(z), x, w.t());
+    return;
+  }
+  const int64_t c = x.size(0), D = x.size(1), V = w.size(0);
+  if (MixedGemm f = mixed_gemm(t)) {
+    f(kRowMajor, kNoTrans, kTrans, as_int(c), as_int(V), as_int(D), 1.f, u16(x), as_int(x.stride(0)),
+      u16(w), as_int(w.stride(0)), 0.f, z.data_ptr<float>(), as_int(z.stride(0)));
+    return;
+  }
+  const int64_t s = slab_rows(w);
+  for (int64_t v0 = 0; v0 < V; v0 += s) {
+    const int64_t len = std::min(s, V - v0);
+    z.narrow(1, v0, len).copy_(at::mm(x, w.narrow(0, v0, len).t()));
+  }
+}
+
+void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) {
+  const auto t = g.scalar_type();
+  if (t == at::kFloat || t == at::kDouble) {
+    at::mm_out(const_cast<at::Tensor&>(dx), g, w);
+    return;
+  }
+  const int64_t c = g.size(0), V = g.size(1), D = w.size(1);
+  if (MixedGemm f = mixed_gemm(t)) {
+    at::Tensor out = at::empty({c, D}, dx.options().dtype(at::kFloat));
+    f(kRowMajor, kNoTrans, kNoTrans, as_int(c), as_int(D), as_int(V), 1.f, u16(g),
+      as_int(g.stride(0)), u16(w), as_int(w.stride(0)), 0.f, out.data_ptr<float>(), as_int(D));
+    dx.copy_(out);
+    return;
+  }
+  at::Tensor out = at::zeros({c, D}, dx.options().dtype(at::kFloat));
+  const int64_t s = slab_rows(w);
+  for (int64_t v0 = 0; v0 < V; v0 += s) {
+    const int64_t len = std::min(s, V - v0);
+    out.add_(at::mm(g.narrow(1, v0, len), w.narrow(0, v0, len)));
+  }
+  dx.copy_(out);
+}
+
+void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw_acc) {
+  const auto t = g.scalar_type();
+  if (t == at::kFloat || t == at::kDouble) {
+    const_cast<at::Tensor&>(dw_acc).addmm_(g.t(), x);
+    return;
+  }
+  const int64_t c = g.size(0), V = g.size(1), D = x.size(1);
+  if (MixedGemm f = mixed_gemm(t)) {
+    f(kRowMajor, kTrans, kNoTrans, as_int(V), as_int(D), as_int(c), 1.f, u16(g),
+      as_int(g.stride(0)), u16(x), as_int(x.stride(0)), 1.f, dw_acc.data_ptr<float>(),
+      as_int(dw_acc.stride(0)));
+    return;
+  }
+  const int64_t s = slab_rows(x);
+  for (int64_t v0 = 0; v0 < V; v0 += s) {
+    const int64_t len = std::min(s, V - v0);
+    dw_acc.narrow(0, v0, len).add_(at::mm(g.narrow(1, v0, len).t(), x));
+  }
+}
+
+}  // namespace mtp::cpu

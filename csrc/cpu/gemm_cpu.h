@@ -1,0 +1,20 @@
+// CPU GEMMs of the chunked loss. float32/float64 go through ATen (MKL). bfloat16/float16 inputs
+// use MKL's mixed-precision GEMM (16-bit inputs, fp32 output and accumulation, AMX where the CPU
+// has it) when the loaded libtorch exports it, and an ATen fallback in vocabulary slabs when not.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace mtp::cpu {
+
+// z[c, V] fp32 = x[c, D] w[V, D]^T
+void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z);
+// dx[c, D] = g[c, V] w[V, D]
+void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx);
+// dw_acc[V, D] (fp32/fp64) += g[c, V]^T x[c, D]
+void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw_acc);
+// Whether the mixed-precision MKL GEMM is in use (false where it is missing, or where the
+// environment variable MTP_EXT_DISABLE_MIXED_GEMM=1 turns it off, as the tests do).
+bool mixed_gemm_available(at::ScalarType t);
+
+}  // namespace mtp::cpu

@@ -1,0 +1,62 @@
+// The CPU implementations of the mtp_ext ops: the shared driver with CPU GEMMs and row kernels.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../driver.h"
+#include "gemm_cpu.h"
+#include "rows_cpu.h"
+
+namespace mtp::cpu {
+namespace {
+
+class CpuKernels final : public DeviceKernels {
+ public:
+  void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore) const override {
+    const int64_t* t = targets.data_ptr<int64_t>();
+    const int64_t R = targets.numel();
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t y = t[i];
+      if (y != ignore && (y < 0 || y >= vocab)) {
+        TORCH_CHECK_INDEX(false, "mtp_ext: target ", y, " at flattened row ", i,
+                          " is outside [0, ", vocab, ") and is not ignore_index (", ignore, ")");
+      }
+    }
+  }
+  void logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) const override {
+    gemm_logits(x, w, z);
+  }
+  void rows(const RowChunkTensors& chunk) const override { cpu::rows(chunk); }
+  void grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) const override {
+    gemm_grad_input(g, w, dx);
+  }
+  void grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw) const override {
+    gemm_grad_weight(g, x, dw);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_ce_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& head_weights, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, int64_t reduction, int64_t chunk_rows,
+    std::array<bool, 3> grad_mask) {
+  return fused_forward(CpuKernels(), hidden, weight, bias, targets, head_weights, ignore_index,
+                       label_smoothing, z_loss, softcap, reduction, chunk_rows, grad_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ce_backward_cpu(
+    const at::Tensor& grad_rows, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+    int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+  return fused_backward(CpuKernels(), grad_rows, hidden, weight, bias, targets, lse, ignore_index,
+                        label_smoothing, z_loss, softcap, chunk_rows, grad_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtp_ext, CPU, m) {
+  m.impl("fused_ce", &fused_ce_cpu);
+  m.impl("fused_ce_backward", &fused_ce_backward_cpu);
+}
+
+}  // namespace mtp::cpu

@@ -1,0 +1,188 @@
+#include "driver.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+namespace mtp {
+
+namespace {
+
+constexpr int64_t kWorkspaceBudgetBytes = int64_t(64) << 20;
+
+at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Everything one pass over the rows needs. Tensors that a pass does not use are undefined.
+struct Pass {
+  at::Tensor x;        // [R, D] hidden rows of all heads, contiguous
+  at::Tensor w;        // [V, D] or [n, V, D], contiguous
+  at::Tensor bias;     // [V] or [n, V], acc dtype
+  at::Tensor targets;  // [R]
+  at::Tensor scales;   // [R] acc dtype: gradients wanted
+  at::Tensor lse_in;   // [R]: backward recompute
+  at::Tensor loss, lse, correct;  // [R] forward outputs
+  at::Tensor dx;                  // [R, D] input dtype
+  at::Tensor dw_acc, db_acc;      // acc dtype, shaped as weight / bias
+  int64_t rows_per_head = 0;      // N
+  int64_t chunk_rows = 0;
+  LossOptions opt;
+};
+
+void run_chunks(const DeviceKernels& dev, const Pass& p) {
+  const int64_t R = p.x.size(0);
+  if (R == 0) return;
+  const int64_t V = p.opt.vocab;
+  const int64_t N = p.rows_per_head;
+  const bool shared = p.w.dim() == 2;
+  const auto acc = acc_type_of(p.x.scalar_type());
+  const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(acc), R);
+  at::Tensor ws = at::empty({C, V}, p.x.options().dtype(acc));
+  const bool grad = p.scales.defined();
+  // The gradient is written over the logits in the input dtype: for 16-bit inputs each row of
+  // the fp32 workspace holds its gradient row in its first half (row stride 2V).
+  at::Tensor g_all;
+  if (grad) {
+    g_all = p.x.scalar_type() == acc ? ws : ws.view(p.x.scalar_type()).narrow(1, 0, V);
+  }
+  for (int64_t start = 0; start < R; start += C) {
+    int64_t end = std::min(R, start + C);
+    const int64_t head = start / N;
+    if (!shared) end = std::min(end, (head + 1) * N);  // one weight per chunk
+    const int64_t c = end - start;
+    const at::Tensor w = shared ? p.w : p.w.select(0, head);
+    const at::Tensor x = p.x.narrow(0, start, c);
+    RowChunkTensors rc;
+    rc.z = ws.narrow(0, 0, c);
+    dev.logits(x, w, rc.z);
+    auto rows = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, start, c) : t; };
+    if (p.bias.defined()) rc.bias = p.bias.dim() == 1 ? p.bias : p.bias.select(0, head);
+    rc.targets = rows(p.targets);
+    rc.scales = rows(p.scales);
+    rc.lse_in = rows(p.lse_in);
+    rc.loss = rows(p.loss);
+    rc.lse = rows(p.lse);
+    rc.correct = rows(p.correct);
+    rc.opt = p.opt;
+    if (grad) rc.g = g_all.narrow(0, 0, c);
+    dev.rows(rc);
+    if (!grad) continue;
+    if (p.dx.defined()) dev.grad_input(rc.g, w, p.dx.narrow(0, start, c));
+    if (p.dw_acc.defined()) dev.grad_weight(rc.g, x, shared ? p.dw_acc : p.dw_acc.select(0, head));
+    if (p.db_acc.defined()) {
+      at::Tensor db = p.db_acc.dim() == 1 ? p.db_acc : p.db_acc.select(0, head);
+      db.add_(rc.g.sum(0, /*keepdim=*/false, acc));
+    }
+  }
+}
+
+// Fills the inputs and gradient outputs shared by forward and backward.
+Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
+               const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+               int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+               int64_t chunk_rows, std::array<bool, 3> grad_mask, bool want_grad) {
+  TORCH_CHECK(hidden.dim() == 3, "mtp_ext: hidden must be [n, N, D], got ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2 || weight.dim() == 3, "mtp_ext: weight must be [V, D] or [n, V, D]");
+  const int64_t n = hidden.size(0), N = hidden.size(1), D = hidden.size(2);
+  const auto acc = acc_type_of(hidden.scalar_type());
+  Pass p;
+  p.x = hidden.contiguous().view({n * N, D});
+  p.w = weight.contiguous();
+  p.targets = targets.contiguous().view({n * N});
+  if (bias.has_value() && bias->defined()) p.bias = bias->to(acc).contiguous();
+  p.rows_per_head = N;
+  p.chunk_rows = chunk_rows;
+  p.opt.vocab = weight.size(-2);
+  p.opt.ignore_index = ignore_index;
+  p.opt.label_smoothing = label_smoothing;
+  p.opt.z_loss = z_loss;
+  p.opt.softcap = softcap;
+  if (want_grad) {
+    if (grad_mask[0]) p.dx = at::empty_like(p.x);
+    if (grad_mask[1]) p.dw_acc = at::zeros(weight.sizes(), weight.options().dtype(acc));
+    if (grad_mask[2] && p.bias.defined()) p.db_acc = at::zeros_like(p.bias);
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients_out(const Pass& p, const at::Tensor& hidden,
+                                                             const at::Tensor& weight,
+                                                             const std::optional<at::Tensor>& bias) {
+  at::Tensor empty = at::empty({0}, hidden.options());
+  at::Tensor dh = p.dx.defined() ? p.dx.view(hidden.sizes()) : empty;
+  at::Tensor dw = p.dw_acc.defined() ? p.dw_acc.to(weight.scalar_type()) : empty;
+  at::Tensor db = p.db_acc.defined() ? p.db_acc.to(bias->scalar_type()) : empty;
+  return {dh, dw, db};
+}
+
+}  // namespace
+
+int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t acc_bytes, int64_t total_rows) {
+  int64_t c = chunk_rows > 0 ? chunk_rows
+                             : kWorkspaceBudgetBytes / std::max<int64_t>(1, vocab * acc_bytes);
+  return std::max<int64_t>(1, std::min(c, std::max<int64_t>(1, total_rows)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward(
+    const DeviceKernels& dev, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& head_weights, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap, int64_t reduction, int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+  TORCH_CHECK(reduction >= 0 && reduction <= 2, "mtp_ext: reduction code ", reduction);
+  const auto red = static_cast<Reduction>(reduction);
+  const bool want_grad =
+      red != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
+  Pass p = make_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
+                     chunk_rows, grad_mask, want_grad);
+  const int64_t n = hidden.size(0), N = hidden.size(1);
+  const auto acc = acc_type_of(hidden.scalar_type());
+  const auto acc_opts = hidden.options().dtype(acc);
+  dev.check_targets(p.targets, p.opt.vocab, ignore_index);
+
+  const at::Tensor valid = p.targets.view({n, N}) != ignore_index;
+  const at::Tensor counts = valid.sum(1);  // [n] int64
+  const at::Tensor hw = head_weights.to(acc_opts).view({n, 1});
+  if (want_grad) {
+    at::Tensor per_head = red == Reduction::Mean ? hw / counts.clamp_min(1).view({n, 1}).to(acc) : hw;
+    p.scales = (per_head * valid).view({n * N});
+  }
+  p.loss = at::empty({n * N}, acc_opts);
+  p.lse = at::empty({n * N}, acc_opts);
+  p.correct = at::empty({n * N}, acc_opts);
+  run_chunks(dev, p);
+
+  const at::Tensor loss_rows = p.loss.view({n, N});
+  const at::Tensor loss_sum = loss_rows.sum(1, false, at::kDouble);
+  const at::Tensor stats =
+      at::stack({loss_sum, p.correct.view({n, N}).sum(1, false, at::kDouble), counts.to(at::kDouble)}, 1);
+  at::Tensor loss;
+  if (red == Reduction::None) {
+    loss = loss_rows;
+  } else {
+    const at::Tensor hwd = head_weights.to(at::kDouble);
+    at::Tensor per_head = red == Reduction::Mean
+                              ? at::where(counts > 0, hwd * loss_sum / counts.clamp_min(1), 0.0)
+                              : hwd * loss_sum;
+    loss = per_head.sum().to(acc);
+  }
+  auto [dh, dw, db] = gradients_out(p, hidden, weight, bias);
+  return {loss, p.lse.view({n, N}), stats, dh, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
+    const DeviceKernels& dev, const at::Tensor& grad_rows, const at::Tensor& hidden,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap, int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+  Pass p = make_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
+                     chunk_rows, grad_mask, /*want_grad=*/true);
+  const auto acc = acc_type_of(hidden.scalar_type());
+  const int64_t R = p.x.size(0);
+  p.scales = grad_rows.to(acc).contiguous().view({R});
+  p.lse_in = lse.to(acc).contiguous().view({R});
+  run_chunks(dev, p);
+  return gradients_out(p, hidden, weight, bias);
+}
+
+}  // namespace mtp

@@ -1,0 +1,60 @@
+// The chunking driver of design.md, one for every device: it walks the rows of all heads in
+// chunks that fit the workspace budget and calls the device's GEMMs and row kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <tuple>
+
+#include "common/ce_math.h"
+
+namespace mtp {
+
+enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
+
+// One chunk of rows for a device's row kernel, as tensors (the device turns them into RowChunk).
+struct RowChunkTensors {
+  at::Tensor z;        // [c, V] acc dtype, contiguous rows
+  at::Tensor g;        // [c, V] input dtype, may alias z; undefined = no gradient
+  at::Tensor bias;     // [V] acc dtype or undefined
+  at::Tensor targets;  // [c] int64
+  at::Tensor scales;   // [c] acc dtype, with g
+  at::Tensor lse_in;   // [c] acc dtype: given lse (backward), or undefined (forward)
+  at::Tensor loss, lse, correct;  // [c] acc dtype outputs of the forward
+  LossOptions opt;
+};
+
+// What a device provides. GEMM inputs are row-major with unit inner stride.
+class DeviceKernels {
+ public:
+  virtual ~DeviceKernels() = default;
+  // Raises IndexError naming the first target outside [0, V) that is not ignore_index.
+  virtual void check_targets(const at::Tensor& targets, int64_t vocab,
+                             int64_t ignore_index) const = 0;
+  // z[c, V] (acc dtype) = x[c, D] w[V, D]^T
+  virtual void logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) const = 0;
+  virtual void rows(const RowChunkTensors& chunk) const = 0;
+  // dx[c, D] (input dtype) = g[c, V] w[V, D]
+  virtual void grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) const = 0;
+  // dw_acc[V, D] (float32, or float64) += g[c, V]^T x[c, D]
+  virtual void grad_weight(const at::Tensor& g, const at::Tensor& x,
+                           const at::Tensor& dw_acc) const = 0;
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward(
+    const DeviceKernels& dev, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& head_weights, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap, int64_t reduction, int64_t chunk_rows, std::array<bool, 3> grad_mask);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
+    const DeviceKernels& dev, const at::Tensor& grad_rows, const at::Tensor& hidden,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
+    double softcap, int64_t chunk_rows, std::array<bool, 3> grad_mask);
+
+// Rows per chunk: chunk_rows if > 0, else as many as fit the workspace budget (64 MiB).
+int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t acc_bytes, int64_t total_rows);
+
+}  // namespace mtp

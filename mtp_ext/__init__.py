@@ -1,0 +1,13 @@
+"""mtp_ext: fused chunked linear cross-entropy for multi-token prediction.
+
+    loss = mtp_ext.linear_cross_entropy(hidden, lm_head.weight, targets)
+    out = mtp_ext.mtp_loss(head_hidden, lm_head.weight, input_ids)   # n heads, shift=True
+    out.loss.backward()
+"""
+from . import ops  # noqa: F401  (registers the ops, fake kernels and autograd)
+from . import reference
+from .loss import MTPLoss, linear_cross_entropy, mtp_loss
+from .outputs import MTPLossOutput
+
+__all__ = ["linear_cross_entropy", "mtp_loss", "MTPLoss", "MTPLossOutput", "reference"]
+__version__ = "0.1.0"
