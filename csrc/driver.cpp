@@ -37,15 +37,13 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t N = p.rows_per_head;
   const bool shared = p.w.dim() == 2;
   const auto acc = acc_type_of(p.x.scalar_type());
-  const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(acc), R);
-  at::Tensor ws = at::empty({C, V}, p.x.options().dtype(acc));
+  // The workspace holds the logits in the input dtype (fp32 for fp32 inputs; for 16-bit inputs
+  // the GEMM rounds them to 16 bits, as PyTorch does, and all arithmetic after it is fp32), and
+  // pass B writes the gradient over them.
+  const auto store = p.x.scalar_type();
+  const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R);
+  at::Tensor ws = at::empty({C, V}, p.x.options());
   const bool grad = p.scales.defined();
-  // The gradient is written over the logits in the input dtype: for 16-bit inputs each row of
-  // the fp32 workspace holds its gradient row in its first half (row stride 2V).
-  at::Tensor g_all;
-  if (grad) {
-    g_all = p.x.scalar_type() == acc ? ws : ws.view(p.x.scalar_type()).narrow(1, 0, V);
-  }
   for (int64_t start = 0; start < R; start += C) {
     int64_t end = std::min(R, start + C);
     const int64_t head = start / N;
@@ -65,7 +63,7 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     rc.lse = rows(p.lse);
     rc.correct = rows(p.correct);
     rc.opt = p.opt;
-    if (grad) rc.g = g_all.narrow(0, 0, c);
+    if (grad) rc.g = rc.z;
     dev.rows(rc);
     if (!grad) continue;
     if (p.dx.defined()) dev.grad_input(rc.g, w, p.dx.narrow(0, start, c));
@@ -118,9 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients_out(const Pass& p, cons
 
 }  // namespace
 
-int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t acc_bytes, int64_t total_rows) {
+int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows) {
   int64_t c = chunk_rows > 0 ? chunk_rows
-                             : kWorkspaceBudgetBytes / std::max<int64_t>(1, vocab * acc_bytes);
+                             : kWorkspaceBudgetBytes / std::max<int64_t>(1, vocab * elem_bytes);
   return std::max<int64_t>(1, std::min(c, std::max<int64_t>(1, total_rows)));
 }
 

@@ -15,8 +15,8 @@ enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 
 // One chunk of rows for a device's row kernel, as tensors (the device turns them into RowChunk).
 struct RowChunkTensors {
-  at::Tensor z;        // [c, V] acc dtype, contiguous rows
-  at::Tensor g;        // [c, V] input dtype, may alias z; undefined = no gradient
+  at::Tensor z;        // [c, V] input dtype, contiguous rows: the logits
+  at::Tensor g;        // z itself when the gradient is wanted (written over z), else undefined
   at::Tensor bias;     // [V] acc dtype or undefined
   at::Tensor targets;  // [c] int64
   at::Tensor scales;   // [c] acc dtype, with g
@@ -32,7 +32,7 @@ class DeviceKernels {
   // Raises IndexError naming the first target outside [0, V) that is not ignore_index.
   virtual void check_targets(const at::Tensor& targets, int64_t vocab,
                              int64_t ignore_index) const = 0;
-  // z[c, V] (acc dtype) = x[c, D] w[V, D]^T
+  // z[c, V] (input dtype) = x[c, D] w[V, D]^T
   virtual void logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) const = 0;
   virtual void rows(const RowChunkTensors& chunk) const = 0;
   // dx[c, D] (input dtype) = g[c, V] w[V, D]
@@ -55,6 +55,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     double softcap, int64_t chunk_rows, std::array<bool, 3> grad_mask);
 
 // Rows per chunk: chunk_rows if > 0, else as many as fit the workspace budget (64 MiB).
-int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t acc_bytes, int64_t total_rows);
+int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows);
 
 }  // namespace mtp

@@ -88,16 +88,20 @@ MTP_HD GradCoef<A> grad_coef(A lse, A scale, const LossOptions& o) {
   return {lse, scale * (A(1) + A(2) * lam * lse), scale * eps / A(o.vocab), scale * (A(1) - eps)};
 }
 
+// Merges the sum of exponentials of a block into a row's running (max, sum):
+// sum_exp = sum_j exp(z_j - max) over the blocks seen so far. NaN in a block makes both NaN.
+template <class A>
+MTP_HD void merge_block_max(A& max_z, A& sum_exp, A block_max) {
+  if (block_max > max_z || block_max != block_max) {
+    sum_exp *= Math<A>::exp(max_z - block_max);
+    max_z = block_max;
+  }
+}
+
 // G_j without the target term, from the (capped) logit z.
 template <class T, class A>
 MTP_HD T grad_from_logit(T z, const GradCoef<A>& k) {
   return Math<T>::exp(z - T(k.lse)) * T(k.a) - T(k.b);
-}
-
-// The same, from e = exp(z - m) stored by pass A and inv_sum = 1 / sum_exp: p = e * inv_sum.
-template <class T, class A>
-MTP_HD T grad_from_exp(T e, A a_over_sum, const GradCoef<A>& k) {
-  return e * T(a_over_sum) - T(k.b);
 }
 
 // The target term, subtracted from G_y.

@@ -8,18 +8,17 @@
 
 namespace mtp {
 
-// acc_t: the type of the logits workspace and of all arithmetic (float, or double for float64
-// inputs). out_t: the type the gradient is written in (the input dtype); g may alias z.
-template <class acc_t, class out_t>
+// acc_t: the type of all arithmetic (float, or double for float64 inputs). store_t: the type of
+// the logits workspace, which is also the input dtype: pass B writes the gradient over it.
+template <class acc_t, class store_t>
 struct RowChunk {
   int64_t rows = 0;
-  int64_t ld_z = 0;             // row stride of z, in acc_t elements
-  int64_t ld_g = 0;             // row stride of g, in out_t elements
-  acc_t* z = nullptr;           // [rows, V]: logits X W^T (bias not yet added)
-  out_t* g = nullptr;           // [rows, V]: gradient out; null = pass A only
+  int64_t ld_z = 0;             // row stride of z, in elements
+  store_t* z = nullptr;         // [rows, V]: logits X W^T in; the gradient out with write_grad
+  bool write_grad = false;
   const acc_t* bias = nullptr;  // [V] or null
   const int64_t* targets = nullptr;
-  const acc_t* scales = nullptr;  // row scale s_t (design.md); with g
+  const acc_t* scales = nullptr;  // row scale s_t (design.md), with write_grad
   const acc_t* lse_in = nullptr;  // given lse (backward recompute): pass A is skipped
   acc_t* loss = nullptr;          // per-row loss out (forward)
   acc_t* lse = nullptr;           // per-row lse out (forward)

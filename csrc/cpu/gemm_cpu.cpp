@@ -44,55 +44,16 @@ int as_int(int64_t v) {
   return static_cast<int>(v);
 }
 
-// Vocabulary slabs for the fallback path, so that its temporaries stay small.
-int64_t slab_rows(const at::Tensor& w) {
-  return std::max<int64_t>(16, kSlabBytes / std::max<int64_t>(1, w.size(1) * w.element_size()));
-}
-
 }  // namespace
 
 bool mixed_gemm_available(at::ScalarType t) { return mixed_gemm(t) != nullptr; }
 
 void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) {
-  const auto t = x.scalar_type();
-  if (t == at::kFloat || t == at::kDouble) {
-    at::mm_out(const_cast<at::Tensor&>(z), x, w.t());
-    return;
-  }
-  const int64_t c = x.size(0), D = x.size(1), V = w.size(0);
-  if (MixedGemm f = mixed_gemm(t)) {
-    f(kRowMajor, kNoTrans, kTrans, as_int(c), as_int(V), as_int(D), 1.f, u16(x), as_int(x.stride(0)),
-      u16(w), as_int(w.stride(0)), 0.f, z.data_ptr<float>(), as_int(z.stride(0)));
-    return;
-  }
-  const int64_t s = slab_rows(w);
-  for (int64_t v0 = 0; v0 < V; v0 += s) {
-    const int64_t len = std::min(s, V - v0);
-    z.narrow(1, v0, len).copy_(at::mm(x, w.narrow(0, v0, len).t()));
-  }
+  at::mm_out(const_cast<at::Tensor&>(z), x, w.t());
 }
 
 void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) {
-  const auto t = g.scalar_type();
-  if (t == at::kFloat || t == at::kDouble) {
-    at::mm_out(const_cast<at::Tensor&>(dx), g, w);
-    return;
-  }
-  const int64_t c = g.size(0), V = g.size(1), D = w.size(1);
-  if (MixedGemm f = mixed_gemm(t)) {
-    at::Tensor out = at::empty({c, D}, dx.options().dtype(at::kFloat));
-    f(kRowMajor, kNoTrans, kNoTrans, as_int(c), as_int(D), as_int(V), 1.f, u16(g),
-      as_int(g.stride(0)), u16(w), as_int(w.stride(0)), 0.f, out.data_ptr<float>(), as_int(D));
-    dx.copy_(out);
-    return;
-  }
-  at::Tensor out = at::zeros({c, D}, dx.options().dtype(at::kFloat));
-  const int64_t s = slab_rows(w);
-  for (int64_t v0 = 0; v0 < V; v0 += s) {
-    const int64_t len = std::min(s, V - v0);
-    out.add_(at::mm(g.narrow(1, v0, len), w.narrow(0, v0, len)));
-  }
-  dx.copy_(out);
+  at::mm_out(const_cast<at::Tensor&>(dx), g, w);
 }
 
 void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw_acc) {
@@ -108,7 +69,9 @@ void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor
       as_int(dw_acc.stride(0)));
     return;
   }
-  const int64_t s = slab_rows(x);
+  // Fallback: 16-bit GEMMs per vocabulary slab, each slab's product rounded to 16 bits once
+  // before it is added to the fp32 accumulator.
+  const int64_t s = std::max<int64_t>(16, kSlabBytes / std::max<int64_t>(1, D * x.element_size()));
   for (int64_t v0 = 0; v0 < V; v0 += s) {
     const int64_t len = std::min(s, V - v0);
     dw_acc.narrow(0, v0, len).add_(at::mm(g.narrow(1, v0, len).t(), x));

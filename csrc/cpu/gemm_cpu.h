@@ -1,13 +1,14 @@
-// CPU GEMMs of the chunked loss. float32/float64 go through ATen (MKL). bfloat16/float16 inputs
-// use MKL's mixed-precision GEMM (16-bit inputs, fp32 output and accumulation, AMX where the CPU
-// has it) when the loaded libtorch exports it, and an ATen fallback in vocabulary slabs when not.
+// CPU GEMMs of the chunked loss, through ATen (MKL, oneDNN with AMX for 16-bit types), except the
+// weight gradient of 16-bit inputs: it accumulates in fp32 across chunks through MKL's
+// mixed-precision GEMM (16-bit inputs, fp32 output added to the accumulator) when the loaded
+// libtorch exports it, and through an ATen fallback in vocabulary slabs when not.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 namespace mtp::cpu {
 
-// z[c, V] fp32 = x[c, D] w[V, D]^T
+// z[c, V] = x[c, D] w[V, D]^T, in the input dtype
 void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z);
 // dx[c, D] = g[c, V] w[V, D]
 void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx);

@@ -24,145 +24,153 @@ struct Math<at::vec::Vectorized<S>> {
 namespace cpu {
 namespace {
 
-constexpr int64_t kBlock = 256;  // elements of a gradient row converted at once
-
-// Applies bias and softcap to a row in place.
-template <class A>
-void transform_row(A* z, const A* bias, int64_t V, A cap) {
-  using Vec = at::vec::Vectorized<A>;
-  const A inv = cap > 0 ? A(1) / cap : A(0);
-  int64_t j = 0;
-  for (; j + Vec::size() <= V; j += Vec::size()) {
-    Vec v = Vec::loadu(z + j);
-    if (bias) v = v + Vec::loadu(bias + j);
-    if (cap > 0) v = softcap_forward(v, cap, inv);
-    v.store(z + j);
-  }
-  for (; j < V; ++j) {
-    A v = z[j];
-    if (bias) v += bias[j];
-    if (cap > 0) v = softcap_forward(v, cap, inv);
-    z[j] = v;
-  }
-}
+// A row is processed in blocks that live in L1: each block of the stored logits is converted to
+// the arithmetic type, gets its bias and softcap, and is then reduced (pass A) or turned into
+// the gradient and written back over itself (pass B). Each pass reads the row once.
+constexpr int64_t kBlock = 512;
 
 template <class A>
-struct Stats {
-  A max, sum_exp, sum_z;
-  int64_t argmax;
+struct Block {
+  const A* bias;  // [V] or null
+  A cap, inv_cap;  // cap 0 = off
+
+  // buf[0, b) = transform(z[j0, j0 + b))
+  template <class S>
+  void load(const S* z, int64_t j0, int64_t b, A* buf) const {
+    using Vec = at::vec::Vectorized<A>;
+    at::vec::convert(z + j0, buf, b);
+    if (!bias && !(cap > 0)) return;
+    int64_t j = 0;
+    for (; j + Vec::size() <= b; j += Vec::size()) {
+      Vec v = Vec::loadu(buf + j);
+      if (bias) v = v + Vec::loadu(bias + j0 + j);
+      if (cap > 0) v = softcap_forward(v, cap, inv_cap);
+      v.store(buf + j);
+    }
+    for (; j < b; ++j) buf[j] = scalar(buf[j], j0 + j);
+  }
+  A scalar(A x, int64_t j) const {
+    if (bias) x += bias[j];
+    return cap > 0 ? softcap_forward(x, cap, inv_cap) : x;
+  }
 };
 
-// Pass A: max, argmax (first), sum of z, sum of exp(z - max). With store_exp, z_j is replaced
-// by exp(z_j - max) for pass B.
 template <class A>
-Stats<A> row_stats(A* z, int64_t V, bool want_sum_z, bool store_exp) {
-  using Vec = at::vec::Vectorized<A>;
-  constexpr int64_t L = Vec::size();
-  const int64_t Vv = V - V % L;
-  Vec vmax(-std::numeric_limits<A>::infinity());
-  Vec vsum(A(0));
-  for (int64_t j = 0; j < Vv; j += L) {
-    Vec v = Vec::loadu(z + j);
-    vmax = at::vec::maximum(vmax, v);
-    if (want_sum_z) vsum = vsum + v;
+using Vec = at::vec::Vectorized<A>;
+
+template <class A>
+A block_max(const A* buf, int64_t b) {
+  constexpr int64_t L = Vec<A>::size();
+  const int64_t bv = b - b % L;
+  A m = -std::numeric_limits<A>::infinity();
+  if (bv > 0) {
+    Vec<A> vm(m);
+    for (int64_t j = 0; j < bv; j += L) vm = at::vec::maximum(vm, Vec<A>::loadu(buf + j));
+    m = at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& c) { return at::vec::maximum(a, c); }, vm);
   }
-  A m = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  A sz = want_sum_z ? at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, vsum) : A(0);
-  for (int64_t j = Vv; j < V; ++j) {
-    m = (z[j] > m || z[j] != z[j]) ? z[j] : m;
-    sz += z[j];
-  }
-  int64_t arg = -1;
-  const Vec bm(m);
-  for (int64_t j = 0; j < Vv && arg < 0; j += L) {
-    const int hit = ~(Vec::loadu(z + j) == bm).zero_mask() & ((1 << L) - 1);
-    if (hit) arg = j + __builtin_ctz(hit);
-  }
-  for (int64_t j = Vv; j < V && arg < 0; ++j) {
-    if (z[j] == m) arg = j;
-  }
-  Vec vs(A(0));
-  for (int64_t j = 0; j < Vv; j += L) {
-    Vec e = Math<Vec>::exp(Vec::loadu(z + j) - bm);
-    if (store_exp) e.store(z + j);
-    vs = vs + e;
-  }
-  A s = at::vec::vec_reduce_all<A>([](Vec& a, Vec& b) { return a + b; }, vs);
-  for (int64_t j = Vv; j < V; ++j) {
-    A e = Math<A>::exp(z[j] - m);
-    if (store_exp) z[j] = e;
-    s += e;
-  }
-  return {m, s, sz, arg};
+  for (int64_t j = bv; j < b; ++j) m = (buf[j] > m || buf[j] != buf[j]) ? buf[j] : m;
+  return m;
 }
 
-// Pass B: G_j over the row, written in the input dtype over the start of the row (g may alias
-// z: block k of g is written after block k of z was read, and never ahead of it).
-template <class A, class O>
-void row_gradient(A* z, O* g, int64_t V, int64_t y, const GradCoef<A>& k, A cap, bool from_exp,
-                  A inv_sum) {
-  using Vec = at::vec::Vectorized<A>;
-  constexpr int64_t L = Vec::size();
-  const A inv_cap = cap > 0 ? A(1) / cap : A(0);
-  const A f_y = cap > 0 ? softcap_derivative(z[y], inv_cap) : A(1);
+// (sum_j exp(buf_j - m), sum_j buf_j)
+template <class A>
+std::pair<A, A> block_sums(const A* buf, int64_t b, A m, bool want_sum) {
+  constexpr int64_t L = Vec<A>::size();
+  const int64_t bv = b - b % L;
+  A se = 0, sz = 0;
+  if (bv > 0) {
+    const Vec<A> vm(m);
+    Vec<A> ve(A(0)), vz(A(0));
+    for (int64_t j = 0; j < bv; j += L) {
+      const Vec<A> v = Vec<A>::loadu(buf + j);
+      ve = ve + Math<Vec<A>>::exp(v - vm);
+      if (want_sum) vz = vz + v;
+    }
+    auto add = [](Vec<A>& a, Vec<A>& c) { return a + c; };
+    se = at::vec::vec_reduce_all<A>(add, ve);
+    if (want_sum) sz = at::vec::vec_reduce_all<A>(add, vz);
+  }
+  for (int64_t j = bv; j < b; ++j) {
+    se += Math<A>::exp(buf[j] - m);
+    sz += buf[j];
+  }
+  return {se, sz};
+}
+
+// Pass B: the gradient of the row, written over the stored logits.
+template <class A, class S>
+void row_gradient(S* z, int64_t V, int64_t y, A z_y, const GradCoef<A>& k, const Block<A>& tf) {
+  constexpr int64_t L = Vec<A>::size();
+  const bool cap = tf.cap > 0;
+  const A f_y = cap ? softcap_derivative(z_y, tf.inv_cap) : A(1);
   const A target_term = grad_target_term(k, f_y);
-  const A a_over_sum = k.a * inv_sum;
   alignas(64) A buf[kBlock];
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t b = std::min(kBlock, V - j0);
     const int64_t bv = b - b % L;
-    const A* zb = z + j0;
+    tf.load(z, j0, b, buf);
     for (int64_t j = 0; j < bv; j += L) {
-      Vec v = Vec::loadu(zb + j);
-      Vec out;
-      if (from_exp) {
-        out = grad_from_exp(v, a_over_sum, k);
-      } else {
-        out = grad_from_logit(v, k);
-        if (cap > 0) out = out * softcap_derivative(v, inv_cap);
-      }
-      out.store(buf + j);
+      const Vec<A> v = Vec<A>::loadu(buf + j);
+      Vec<A> g = grad_from_logit(v, k);
+      if (cap) g = g * softcap_derivative(v, tf.inv_cap);
+      g.store(buf + j);
     }
     for (int64_t j = bv; j < b; ++j) {
-      A v = zb[j];
-      A out = from_exp ? grad_from_exp(v, a_over_sum, k) : grad_from_logit(v, k);
-      if (!from_exp && cap > 0) out *= softcap_derivative(v, inv_cap);
-      buf[j] = out;
+      A g = grad_from_logit(buf[j], k);
+      buf[j] = cap ? g * softcap_derivative(buf[j], tf.inv_cap) : g;
     }
     if (y >= j0 && y < j0 + b) buf[y - j0] -= target_term;
-    at::vec::convert(buf, g + j0, b);
+    at::vec::convert(buf, z + j0, b);
   }
 }
 
-template <class A, class O>
-void process_row(const RowChunk<A, O>& p, int64_t r) {
+template <class A, class S>
+void process_row(const RowChunk<A, S>& p, int64_t r) {
   const LossOptions& o = p.opt;
   const int64_t V = o.vocab;
-  A* z = p.z + r * p.ld_z;
-  O* g = p.g ? p.g + r * p.ld_g : nullptr;
+  S* z = p.z + r * p.ld_z;
   const int64_t y = p.targets[r];
   if (y == o.ignore_index) {
     if (!p.lse_in) p.loss[r] = p.lse[r] = p.correct[r] = A(0);
-    if (g) std::fill(g, g + V, O(0));
+    if (p.write_grad) std::fill(z, z + V, S(0));
     return;
   }
   const A cap = A(o.softcap);
-  if (p.bias || cap > 0) transform_row(z, p.bias, V, cap);
+  const Block<A> tf{p.bias, cap, cap > 0 ? A(1) / cap : A(0)};
+  const A z_y = tf.scalar(A(z[y]), y);
   if (p.lse_in) {
-    const GradCoef<A> k = grad_coef(p.lse_in[r], p.scales[r], o);
-    row_gradient(z, g, V, y, k, cap, /*from_exp=*/false, A(1));
+    row_gradient(z, V, y, z_y, grad_coef(p.lse_in[r], p.scales[r], o), tf);
     return;
   }
-  const bool store_exp = g != nullptr && !(cap > 0);
-  const A z_y = z[y];
-  const Stats<A> st = row_stats(z, V, o.label_smoothing != 0, store_exp);
-  const RowLoss<A> rl = row_loss(st.max, st.sum_exp, st.sum_z, z_y, o);
+  // Pass A: running max and sum of exponentials over the blocks, sum of z, argmax.
+  alignas(64) A buf[kBlock];
+  A m = -std::numeric_limits<A>::infinity(), se = 0, sz = 0;
+  int64_t best = 0;
+  const bool want_sum = o.label_smoothing != 0;
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t b = std::min(kBlock, V - j0);
+    tf.load(z, j0, b, buf);
+    const A bm = block_max(buf, b);
+    if (bm > m) best = j0;
+    merge_block_max(m, se, bm);
+    const auto [bse, bsz] = block_sums(buf, b, m, want_sum);
+    se += bse;
+    sz += bsz;
+  }
+  // The first index of the maximum lies in the first block that reached it.
+  int64_t arg = -1;
+  {
+    const int64_t b = std::min(kBlock, V - best);
+    tf.load(z, best, b, buf);
+    for (int64_t j = 0; j < b && arg < 0; ++j) {
+      if (buf[j] == m) arg = best + j;
+    }
+  }
+  const RowLoss<A> rl = row_loss(m, se, sz, z_y, o);
   p.loss[r] = rl.loss;
   p.lse[r] = rl.lse;
-  p.correct[r] = st.argmax == y ? A(1) : A(0);
-  if (!g) return;
-  const GradCoef<A> k = grad_coef(rl.lse, p.scales[r], o);
-  row_gradient(z, g, V, y, k, cap, store_exp, A(1) / st.sum_exp);
+  p.correct[r] = arg == y ? A(1) : A(0);
+  if (p.write_grad) row_gradient(z, V, y, z_y, grad_coef(rl.lse, p.scales[r], o), tf);
 }
 
 template <class T>
@@ -170,16 +178,15 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
-template <class A, class O>
+template <class A, class S>
 void rows_typed(const RowChunkTensors& c) {
-  RowChunk<A, O> p;
+  RowChunk<A, S> p;
   p.rows = c.z.size(0);
   p.ld_z = c.z.stride(0);
-  p.z = c.z.data_ptr<A>();
-  if (c.g.defined()) {
-    p.g = c.g.data_ptr<O>();
-    p.ld_g = c.g.stride(0);
-  }
+  p.z = c.z.data_ptr<S>();
+  p.write_grad = c.g.defined();
+  TORCH_CHECK(!p.write_grad || c.g.data_ptr() == c.z.data_ptr(),
+              "mtp_ext: the CPU row kernel writes the gradient over the logits");
   p.bias = ptr_or_null<A>(c.bias);
   p.targets = c.targets.data_ptr<int64_t>();
   p.scales = ptr_or_null<A>(c.scales);
@@ -196,14 +203,9 @@ void rows_typed(const RowChunkTensors& c) {
 }  // namespace
 
 void rows(const RowChunkTensors& c) {
-  const at::ScalarType out = c.g.defined() ? c.g.scalar_type() : c.z.scalar_type();
-  if (c.z.scalar_type() == at::kDouble) {
-    TORCH_CHECK(out == at::kDouble, "mtp_ext: float64 logits need float64 inputs");
-    rows_typed<double, double>(c);
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out, "mtp_ext_rows_cpu", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) rows_typed<float, scalar_t>(c);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.z.scalar_type(), "mtp_ext_rows", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    rows_typed<acc_t, scalar_t>(c);
   });
 }
 
