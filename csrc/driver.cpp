@@ -44,9 +44,9 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R);
   at::Tensor ws = at::empty({C, V}, p.x.options());
   const bool grad = p.scales.defined();
-  for (int64_t start = 0; start < R; start += C) {
-    int64_t end = std::min(R, start + C);
+  for (int64_t start = 0, end = 0; start < R; start = end) {
     const int64_t head = start / N;
+    end = std::min(R, start + C);
     if (!shared) end = std::min(end, (head + 1) * N);  // one weight per chunk
     const int64_t c = end - start;
     const at::Tensor w = shared ? p.w : p.w.select(0, head);
@@ -107,10 +107,10 @@ Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients_out(const Pass& p, const at::Tensor& hidden,
                                                              const at::Tensor& weight,
                                                              const std::optional<at::Tensor>& bias) {
-  at::Tensor empty = at::empty({0}, hidden.options());
-  at::Tensor dh = p.dx.defined() ? p.dx.view(hidden.sizes()) : empty;
-  at::Tensor dw = p.dw_acc.defined() ? p.dw_acc.to(weight.scalar_type()) : empty;
-  at::Tensor db = p.db_acc.defined() ? p.db_acc.to(bias->scalar_type()) : empty;
+  auto empty = [&] { return at::empty({0}, hidden.options()); };  // distinct: outputs never alias
+  at::Tensor dh = p.dx.defined() ? p.dx.view(hidden.sizes()) : empty();
+  at::Tensor dw = p.dw_acc.defined() ? p.dw_acc.to(weight.scalar_type()) : empty();
+  at::Tensor db = p.db_acc.defined() ? p.db_acc.to(bias->scalar_type()) : empty();
   return {dh, dw, db};
 }
 

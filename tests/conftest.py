@@ -1,0 +1,55 @@
+import math
+
+import pytest
+import torch
+
+import mtp_ext
+from mtp_ext import reference
+
+IGNORE = -100
+
+
+def make_inputs(N, D, V, dtype, *, seed, bias=False, ignore_frac=0.2, scale=2.0):
+    """Fresh random inputs (never zeros), rounded to dtype; targets with some ignore_index."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(V, D, generator=g, dtype=torch.float64) * (scale / math.sqrt(D))
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    y[torch.rand(N, generator=g) < ignore_frac] = IGNORE
+    cast = lambda t: None if t is None else t.to(dtype)
+    return cast(h), cast(w), cast(b), y
+
+
+def leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+def loss_and_grads(fn, tensors, grad_out=None, **kw):
+    """Runs fn(*tensors, **kw) on fresh leaves; returns (loss, [grads]) with grads in float64."""
+    leaves = [leaf(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+              for t in tensors]
+    out = fn(*leaves, **kw)
+    loss = out.loss if isinstance(out, mtp_ext.MTPLossOutput) else out
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
+    loss.backward(go)
+    grads = [None if not (isinstance(t, torch.Tensor) and t.requires_grad) or t.grad is None
+             else t.grad.double() for t in leaves]
+    return loss.detach().double(), grads
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b| (absolute where b is all zeros)."""
+    a, b = a.double(), b.double()
+    denom = b.abs().max().item() if b.numel() else 0.0
+    diff = (a - b).abs().max().item() if b.numel() else 0.0
+    return diff / denom if denom > 0 else diff
+
+
+def as64(t):
+    return None if t is None else t.double()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

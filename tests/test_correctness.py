@@ -1,0 +1,135 @@
+"""linear_cross_entropy against a float64 reference, for every option, dtype and several shapes."""
+import itertools
+
+import pytest
+import torch
+
+import mtp_ext
+from mtp_ext import reference
+
+from conftest import IGNORE, as64, loss_and_grads, make_inputs, rel_err
+
+OPTION_SETS = [
+    dict(),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(softcap=4.0),
+    dict(label_smoothing=0.2, z_loss=1e-2, softcap=3.0),
+]
+SHAPES = [  # (N, D, V): one row, V not a multiple of the vector width, odd D, GPT-2's V
+    (1, 8, 33),
+    (37, 19, 101),
+    (64, 32, 1000 + 3),
+    (12, 16, 50257),
+]
+
+
+def check_against_f64(dtype, N, D, V, opts, *, bias, reduction, chunk_size, seed):
+    h, w, b, y = make_inputs(N, D, V, dtype, seed=seed, bias=bias)
+    tensors = (h, w, y, b)
+    go = torch.rand(N, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    kw = dict(reduction=reduction, **opts)
+    loss, grads = loss_and_grads(mtp_ext.linear_cross_entropy, tensors, go, chunk_size=chunk_size, **kw)
+    ref_loss, ref_grads = loss_and_grads(reference.linear_cross_entropy,
+                                         (as64(h), as64(w), y, as64(b)), go, **kw)
+    errs = [rel_err(loss, ref_loss)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)
+                                        if r is not None]
+    if dtype == torch.float32:
+        assert max(errs) <= 1e-5, errs
+    elif dtype == torch.float64:
+        assert max(errs) <= 1e-10, errs
+    else:  # 16-bit: no worse than twice the error of the PyTorch path in the same dtype
+        r16_loss, r16_grads = loss_and_grads(reference.linear_cross_entropy, tensors, go, **kw)
+        r16 = [rel_err(r16_loss, ref_loss)] + [rel_err(g, r) for g, r in zip(r16_grads, ref_grads)
+                                               if r is not None]
+        for e, e16 in zip(errs, r16):
+            assert e <= 2 * e16 + 1e-3, (errs, r16)
+    return errs
+
+
+@pytest.mark.parametrize("N,D,V", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_shapes_dtypes(N, D, V, dtype):
+    check_against_f64(dtype, N, D, V, {}, bias=False, reduction="mean", chunk_size=None,
+                      seed=N * 7 + V)
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_options(opts, reduction, bias, dtype):
+    check_against_f64(dtype, 45, 24, 301, opts, bias=bias, reduction=reduction, chunk_size=16,
+                      seed=hash((reduction, bias, tuple(opts))) % 10000)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, None])
+def test_chunk_sizes_agree(chunk_size):
+    h, w, b, y = make_inputs(50, 16, 257, torch.float32, seed=3, bias=True)
+    base, base_g = loss_and_grads(mtp_ext.linear_cross_entropy, (h, w, y, b), chunk_size=50)
+    loss, grads = loss_and_grads(mtp_ext.linear_cross_entropy, (h, w, y, b), chunk_size=chunk_size)
+    assert rel_err(loss, base) <= 1e-6
+    for g, r in zip(grads, base_g):
+        if r is not None:
+            assert rel_err(g, r) <= 1e-6
+
+
+def test_leading_shape_and_noncontiguous():
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(3, 16, 5, generator=g).transpose(1, 2)        # [3, 5, 16], non-contiguous
+    w = (torch.randn(40, 2 * 16, generator=g) * 0.3)[:, ::2]       # [40, 16], strided
+    y = torch.randint(0, 40, (5, 3), generator=g).t()              # [3, 5], non-contiguous
+    assert not (h.is_contiguous() or w.is_contiguous() or y.is_contiguous())
+    for red in ("mean", "sum", "none"):
+        go = torch.rand(3, 5, dtype=torch.float64) + 0.5 if red == "none" else None
+        loss, grads = loss_and_grads(mtp_ext.linear_cross_entropy, (h, w, y), go, reduction=red)
+        ref, rgrads = loss_and_grads(reference.linear_cross_entropy, (as64(h), as64(w), y), go,
+                                     reduction=red)
+        assert loss.shape == ref.shape == ((3, 5) if red == "none" else ())
+        assert rel_err(loss, ref) < 1e-5
+        for a, r in zip(grads, rgrads):
+            if r is not None:
+                assert rel_err(a, r) < 1e-5
+
+
+def test_integer_target_dtypes():
+    h, w, _, y = make_inputs(20, 8, 50, torch.float32, seed=5, ignore_frac=0.0)
+    ref = mtp_ext.linear_cross_entropy(h, w, y)
+    for dt in (torch.int32, torch.int16, torch.uint8):
+        yy = y.clamp(max=49).to(dt)
+        assert torch.equal(mtp_ext.linear_cross_entropy(h, w, yy), mtp_ext.linear_cross_entropy(h, w, yy.long()))
+
+
+def test_all_ignored_and_empty():
+    h, w, _, y = make_inputs(6, 8, 30, torch.float32, seed=2)
+    y[:] = IGNORE
+    assert torch.isnan(mtp_ext.linear_cross_entropy(h, w, y))
+    assert torch.isnan(reference.linear_cross_entropy(h, w, y))
+    assert mtp_ext.linear_cross_entropy(h, w, y, reduction="sum").item() == 0.0
+    hh = h.clone().requires_grad_()
+    mtp_ext.linear_cross_entropy(hh, w, y, reduction="sum").backward()
+    assert torch.count_nonzero(hh.grad) == 0
+    # N = 0 behaves like torch: nan mean, zero sum, empty none
+    e = torch.empty(0, 8)
+    t = torch.empty(0, dtype=torch.long)
+    assert torch.isnan(mtp_ext.linear_cross_entropy(e, w, t))
+    assert mtp_ext.linear_cross_entropy(e, w, t, reduction="sum").item() == 0.0
+    assert mtp_ext.linear_cross_entropy(e, w, t, reduction="none").shape == (0,)
+
+
+def test_nan_and_inf_inputs_give_nan_not_crash():
+    h, w, _, y = make_inputs(10, 8, 30, torch.float32, seed=9, ignore_frac=0.0)
+    for bad in (float("nan"), float("inf")):
+        hb = h.clone()
+        hb[3, 2] = bad
+        out = mtp_ext.linear_cross_entropy(hb, w, y, reduction="none")
+        assert torch.isnan(out[3]) or torch.isinf(out[3])
+        assert torch.isfinite(out[[0, 1, 2, 4]]).all()
+        assert not torch.isfinite(mtp_ext.linear_cross_entropy(hb, w, y))
+
+
+def test_fp16_bf16_logits_error_bounded():
+    """16-bit inputs: fused error against float64 no worse than twice PyTorch's own bf16 path."""
+    for dt in (torch.bfloat16, torch.float16):
+        check_against_f64(dt, 256, 64, 4099, dict(z_loss=1e-4, label_smoothing=0.1), bias=True,
+                          reduction="mean", chunk_size=100, seed=77)

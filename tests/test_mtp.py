@@ -1,0 +1,134 @@
+"""mtp_loss: n heads, shift semantics, shared or per-head weights, against the reference path
+in float64 and against the sum of per-head linear_cross_entropy."""
+import pytest
+import torch
+
+import mtp_ext
+from mtp_ext import reference
+
+from conftest import IGNORE, as64, loss_and_grads, rel_err
+
+
+def mtp_inputs(n, B, T, D, V, dtype=torch.float32, *, seed, per_head=False, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, B, T, D, generator=g, dtype=torch.float64).to(dtype)
+    wshape = (n, V, D) if per_head else (V, D)
+    w = (torch.randn(*wshape, generator=g, dtype=torch.float64) * D ** -0.5 * 2).to(dtype)
+    b = None
+    if bias:
+        b = torch.randn(*wshape[:-1], generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 1] = IGNORE
+    return h, w, b, labels
+
+
+def shifted_targets(labels, n):
+    T = labels.shape[-1]
+    out = torch.full((n,) + labels.shape, IGNORE)
+    for k in range(n):
+        out[k, ..., : max(T - k - 1, 0)] = labels[..., k + 1:]
+    return out
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mtp_against_float64_reference(per_head, reduction, bias):
+    n, B, T, D, V = 3, 2, 9, 12, 67
+    h, w, b, labels = mtp_inputs(n, B, T, D, V, seed=17 + per_head, per_head=per_head, bias=bias)
+    kw = dict(reduction=reduction, head_weights=[1.0, 0.5, 0.25], z_loss=1e-3,
+              label_smoothing=0.05, softcap=5.0)
+    go = torch.rand(n, B, T, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    fn = lambda h, w, b: mtp_ext.mtp_loss(h, w, labels, bias=b, chunk_size=5, **kw)
+    rf = lambda h, w, b: reference.mtp_loss(h, w, labels, bias=b, **kw)
+    loss, grads = loss_and_grads(fn, (h, w, b), go)
+    ref, rgrads = loss_and_grads(rf, (as64(h), as64(w), as64(b)), go)
+    assert loss.shape == ref.shape
+    assert rel_err(loss, ref) <= 1e-5
+    for a, r in zip(grads, rgrads):
+        if r is not None:
+            assert rel_err(a, r) <= 1e-5
+    out, rout = fn(h, w, b), rf(as64(h), as64(w), as64(b))
+    torch.testing.assert_close(out.head_losses, rout.head_losses.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.head_accuracy, rout.head_accuracy.float())
+    assert torch.equal(out.head_tokens, rout.head_tokens)
+
+
+def test_mtp_equals_sum_of_linear_cross_entropy():
+    n, B, T, D, V = 4, 3, 10, 16, 50
+    h, w, _, labels = mtp_inputs(n, B, T, D, V, seed=5)
+    hw = torch.tensor([1.0, 0.7, 0.3, 0.2])
+    out = mtp_ext.mtp_loss(h, w, labels, head_weights=hw)
+    targets = shifted_targets(labels, n)
+    total = sum(hw[k] * mtp_ext.linear_cross_entropy(h[k], w, targets[k]) for k in range(n))
+    torch.testing.assert_close(out.loss, total, rtol=1e-6, atol=1e-6)
+    for k in range(n):
+        torch.testing.assert_close(out.head_losses[k],
+                                   mtp_ext.linear_cross_entropy(h[k], w, targets[k]))
+    # head k has T - k - 1 targets per sequence, minus the ignored label
+    valid = (targets != IGNORE).sum(dim=(1, 2))
+    assert torch.equal(out.head_tokens, valid)
+
+
+def test_shift_false_and_list_input_agree_with_shift_true():
+    n, B, T, D, V = 3, 2, 8, 8, 40
+    h, w, _, labels = mtp_inputs(n, B, T, D, V, seed=8)
+    a = mtp_ext.mtp_loss(h, w, labels)
+    b = mtp_ext.mtp_loss(list(h.unbind(0)), w, shifted_targets(labels, n), shift=False)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(a.head_losses, b.head_losses, equal_nan=True)
+
+
+def test_head_k_targets_are_shifted_by_k_plus_1():
+    """A head whose hidden state makes label t+k+1 certain has near-zero loss; other shifts don't."""
+    n, T, V, D = 3, 12, 16, 16
+    labels = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(4))
+    w = torch.eye(V) * 50.0  # logits = 50 * one_hot(hidden)
+    h = torch.zeros(n, 1, T, D)
+    for k in range(n):
+        for t in range(T - k - 1):
+            h[k, 0, t, labels[0, t + k + 1]] = 1.0
+    out = mtp_ext.mtp_loss(h, w, labels)
+    assert out.head_losses.max() < 1e-6
+    assert torch.all(out.head_accuracy == 1)
+    assert out.head_tokens.tolist() == [T - 1, T - 2, T - 3]
+    wrong = mtp_ext.mtp_loss(h.roll(1, dims=0), w, labels)
+    assert wrong.head_losses.min() > 1.0
+
+
+def test_head_without_valid_rows_adds_nothing():
+    n, B, T, D, V = 3, 1, 2, 8, 20  # T = 2: heads 1 and 2 have no target
+    h, w, _, _ = mtp_inputs(n, B, T, D, V, seed=1)
+    labels = torch.tensor([[3, 7]])
+    out = mtp_ext.mtp_loss(h, w, labels)
+    ref = reference.mtp_loss(h, w, labels)
+    assert out.head_tokens.tolist() == [1, 0, 0]
+    assert torch.isnan(out.head_losses[1:]).all() and torch.isnan(out.head_accuracy[2])
+    torch.testing.assert_close(out.loss, out.head_losses[0])
+    torch.testing.assert_close(out.loss, ref.loss)
+
+
+def test_mtp_loss_module():
+    n, B, T, D, V = 2, 2, 6, 8, 30
+    h, w, _, labels = mtp_inputs(n, B, T, D, V, seed=2)
+    fused = mtp_ext.MTPLoss(z_loss=1e-3)(h, w, labels)
+    ref = mtp_ext.MTPLoss(z_loss=1e-3, impl="reference")(h, w, labels)
+    torch.testing.assert_close(fused.loss, ref.loss)
+    assert "z_loss=0.001" in repr(mtp_ext.MTPLoss(z_loss=1e-3))
+    with pytest.raises(ValueError, match="impl"):
+        mtp_ext.MTPLoss(impl="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mtp_16bit_error_bounded(dtype):
+    n, B, T, D, V = 4, 2, 64, 32, 2053
+    h, w, _, labels = mtp_inputs(n, B, T, D, V, seed=21)
+    h16, w16 = h.to(dtype), w.to(dtype)
+    fn = lambda h, w: mtp_ext.mtp_loss(h, w, labels, chunk_size=37)
+    rf = lambda h, w: reference.mtp_loss(h, w, labels)
+    loss, grads = loss_and_grads(fn, (h16, w16))
+    r16, g16 = loss_and_grads(rf, (h16, w16))
+    r64, g64 = loss_and_grads(rf, (as64(h16), as64(w16)))
+    assert rel_err(loss, r64) <= 2 * rel_err(r16, r64) + 1e-4
+    for a, b, r in zip(grads, g16, g64):
+        assert rel_err(a, r) <= 2 * rel_err(b, r) + 1e-4
