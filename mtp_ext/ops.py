@@ -72,6 +72,9 @@ def _backward(ctx, g_loss, g_lse, g_stats, g_dh, g_dw, g_db):
         return (None, None, None) + none
     if ctx.kept:
         dh, dw, db = ctx.saved_tensors
+        # Eager backward with a unit incoming gradient (loss.backward()) hands the kept gradients
+        # over as they are: autograd releases them from ctx first, so no copy is made.
+        unit = not torch.compiler.is_compiling() and bool(g_loss == 1)
         out = [None, None, None]
         for i, (t, w, k) in enumerate(zip((dh, dw, db), want, ctx.kept_mask)):
             if not w:
@@ -79,7 +82,7 @@ def _backward(ctx, g_loss, g_lse, g_stats, g_dh, g_dw, g_db):
             if not k:
                 raise RuntimeError("mtp_ext: the forward did not compute this gradient; call the "
                                    "loss with requires_grad set as it will be used")
-            out[i] = t * g_loss.to(t.dtype)
+            out[i] = t if unit else t * g_loss.to(t.dtype)
         return tuple(out) + none
     hidden, weight, bias, targets, head_weights, lse, stats = ctx.saved_tensors
     ignore_index, label_smoothing, z_loss, softcap, chunk_rows = ctx.options

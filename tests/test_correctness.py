@@ -133,3 +133,14 @@ def test_fp16_bf16_logits_error_bounded():
     for dt in (torch.bfloat16, torch.float16):
         check_against_f64(dt, 256, 64, 4099, dict(z_loss=1e-4, label_smoothing=0.1), bias=True,
                           reduction="mean", chunk_size=100, seed=77)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_without_mixed_precision_gemm(dtype, monkeypatch):
+    """The ATen fallback for torch builds without MKL's mixed GEMM gives the same accuracy."""
+    fast = check_against_f64(dtype, 200, 48, 3001, {}, bias=True, reduction="mean",
+                             chunk_size=64, seed=31)
+    monkeypatch.setenv("MTP_EXT_DISABLE_MIXED_GEMM", "1")
+    slow = check_against_f64(dtype, 200, 48, 3001, {}, bias=True, reduction="mean",
+                             chunk_size=64, seed=31)
+    assert slow[0] == fast[0]  # same logits GEMM: identical loss
