@@ -46,6 +46,13 @@ def rel_err(a, b):
     return diff / denom if denom > 0 else diff
 
 
+def norm_err(a, b):
+    """||a - b|| / ||b||: the error measure for 16-bit results, robust to single-ulp outliers."""
+    a, b = a.double(), b.double()
+    denom = b.norm().item()
+    return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
+
+
 def as64(t):
     return None if t is None else t.double()
 

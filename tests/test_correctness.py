@@ -7,7 +7,7 @@ import torch
 import mtp_ext
 from mtp_ext import reference
 
-from conftest import IGNORE, as64, loss_and_grads, make_inputs, rel_err
+from conftest import IGNORE, as64, loss_and_grads, make_inputs, norm_err, rel_err
 
 OPTION_SETS = [
     dict(),
@@ -39,11 +39,16 @@ def check_against_f64(dtype, N, D, V, opts, *, bias, reduction, chunk_size, seed
     elif dtype == torch.float64:
         assert max(errs) <= 1e-10, errs
     else:  # 16-bit: no worse than twice the error of the PyTorch path in the same dtype
+        errs = [norm_err(loss, ref_loss)] + [norm_err(g, r) for g, r in zip(grads, ref_grads)
+                                             if r is not None]
         r16_loss, r16_grads = loss_and_grads(reference.linear_cross_entropy, tensors, go, **kw)
-        r16 = [rel_err(r16_loss, ref_loss)] + [rel_err(g, r) for g, r in zip(r16_grads, ref_grads)
-                                               if r is not None]
-        for e, e16 in zip(errs, r16):
-            assert e <= 2 * e16 + 1e-3, (errs, r16)
+        r16 = [norm_err(r16_loss, ref_loss)] + [norm_err(g, r) for g, r in zip(r16_grads, ref_grads)
+                                                if r is not None]
+        # The scalar loss is one sum of rounding errors whose size in either path is chance: it
+        # may also be off by half an ulp of the dtype. Gradients are compared as whole tensors.
+        assert errs[0] <= 2 * r16[0] + torch.finfo(dtype).eps / 2, (errs, r16)
+        for e, e16 in zip(errs[1:], r16[1:]):
+            assert e <= 2 * e16 + 1e-4, (errs, r16)
     return errs
 
 
