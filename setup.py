@@ -4,6 +4,7 @@ installed torch is used (an isolated build would fetch another one)."""
 import glob
 import os
 import platform
+import sys
 
 from setuptools import setup
 from torch.utils import cpp_extension
@@ -46,6 +47,11 @@ def want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def write_build_info(cap, cuda):
+    with open(os.path.join(ROOT, "mtp_ext", "_build_info.py"), "w") as f:
+        f.write(f"# written by setup.py\nCPU_CAPABILITY = {cap!r}\nWITH_CUDA = {cuda!r}\n")
+
+
 def extension():
     cap = cpu_capability()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
@@ -53,13 +59,17 @@ def extension():
     args = dict(name="mtp_ext._C", sources=sources, extra_compile_args={"cxx": cxx},
                 include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True,
                 define_macros=[("Py_LIMITED_API", "0x03090000")])
-    if not want_cuda():
-        return cpp_extension.CppExtension(**args)
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    if not cuda_sources:
-        raise RuntimeError("a CUDA build was asked for (FORCE_CUDA=1, or a CUDA torch with nvcc), "
-                           "but csrc/cuda holds no kernels yet; set FORCE_CUDA=0 and use a CPU "
-                           "torch for a CPU-only build")
+    cuda = want_cuda()
+    if cuda and not cuda_sources:
+        if os.environ.get("FORCE_CUDA") == "1":
+            raise RuntimeError("FORCE_CUDA=1, but csrc/cuda holds no kernels yet in this version")
+        print("*** mtp_ext: this version has no CUDA kernels yet: building the CPU ops only ***",
+              file=sys.stderr)
+        cuda = False
+    write_build_info(cap, cuda)
+    if not cuda:
+        return cpp_extension.CppExtension(**args)
     args["sources"] += cuda_sources
     args["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library, which registers the ops)
+from ._cpu_check import check_cpu_capability
+
+check_cpu_capability()  # before loading code compiled for this CPU's vector width
+from . import _C  # noqa: F401,E402  (loads the library, which registers the ops)
 
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 
@@ -49,6 +52,13 @@ def _fused_ce_backward_fake(grad_rows, hidden, weight, bias, targets, lse, ignor
     return dh, dw, db
 
 
+def _is_eager(t: torch.Tensor) -> bool:
+    """A real tensor in eager mode (not traced by torch.compile, AOTAutograd or fake tensors),
+    whose value may be inspected."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._is_functional_tensor(t))
+
+
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, targets, head_weights, ignore_index, label_smoothing, z_loss, softcap,
      reduction, chunk_rows, grad_mask) = inputs
@@ -74,7 +84,7 @@ def _backward(ctx, g_loss, g_lse, g_stats, g_dh, g_dw, g_db):
         dh, dw, db = ctx.saved_tensors
         # Eager backward with a unit incoming gradient (loss.backward()) hands the kept gradients
         # over as they are: autograd releases them from ctx first, so no copy is made.
-        unit = not torch.compiler.is_compiling() and bool(g_loss == 1)
+        unit = _is_eager(g_loss) and bool(g_loss == 1)
         out = [None, None, None]
         for i, (t, w, k) in enumerate(zip((dh, dw, db), want, ctx.kept_mask)):
             if not w:

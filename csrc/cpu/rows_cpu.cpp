@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "../common/row_chunk.h"
 
@@ -97,6 +99,76 @@ std::pair<A, A> block_sums(const A* buf, int64_t b, A m, bool want_sum) {
   return {se, sz};
 }
 
+// The block as arithmetic values: the stored logits themselves when they need no conversion
+// nor transform, else buf filled by tf.load.
+template <class A, class S>
+A* view_block(S* z, int64_t j0, int64_t b, A* buf, const Block<A>& tf) {
+  if constexpr (std::is_same_v<A, S>) {
+    if (!tf.bias && !(tf.cap > 0)) return z + j0;
+  }
+  tf.load(z, j0, b, buf);
+  return buf;
+}
+
+// z as A* when the storage is the arithmetic type (float32/float64), else null.
+template <class A, class S>
+A* same_type_or_null(S* z) {
+  if constexpr (std::is_same_v<A, S>) {
+    return z;
+  } else {
+    return nullptr;
+  }
+}
+
+template <class A>
+int64_t first_index_of(const A* v, int64_t b, A x) {
+  for (int64_t j = 0; j < b; ++j) {
+    if (v[j] == x) return j;
+  }
+  return -1;
+}
+
+// e_j = exp(v_j - m) written to out (which may be v); returns sum_j e_j.
+template <class A>
+A block_exp_store(const A* v, A* out, int64_t b, A m) {
+  constexpr int64_t L = Vec<A>::size();
+  const int64_t bv = b - b % L;
+  A se = 0;
+  if (bv > 0) {
+    const Vec<A> vm(m);
+    Vec<A> ve(A(0));
+    for (int64_t j = 0; j < bv; j += L) {
+      const Vec<A> e = Math<Vec<A>>::exp(Vec<A>::loadu(v + j) - vm);
+      e.store(out + j);
+      ve = ve + e;
+    }
+    se = at::vec::vec_reduce_all<A>([](Vec<A>& a, Vec<A>& c) { return a + c; }, ve);
+  }
+  for (int64_t j = bv; j < b; ++j) {
+    out[j] = Math<A>::exp(v[j] - m);
+    se += out[j];
+  }
+  return se;
+}
+
+// Pass B from the exponentials stored by pass A (float32/float64 storage, no softcap):
+// e_j = exp(z_j - m_k) with m_k the running max when block k was seen, so
+// G_j = e_j * exp(m_k - lse) * a - b, one multiply-add per element.
+template <class A>
+void row_gradient_from_exp(A* e, int64_t V, int64_t y, const GradCoef<A>& k, const A* block_max_seen) {
+  constexpr int64_t L = Vec<A>::size();
+  for (int64_t j0 = 0, blk = 0; j0 < V; j0 += kBlock, ++blk) {
+    const int64_t b = std::min(kBlock, V - j0);
+    const int64_t bv = b - b % L;
+    const A c = Math<A>::exp(block_max_seen[blk] - k.lse) * k.a;
+    const Vec<A> vc(c), vb(k.b);
+    A* eb = e + j0;
+    for (int64_t j = 0; j < bv; j += L) at::vec::fmsub(Vec<A>::loadu(eb + j), vc, vb).store(eb + j);
+    for (int64_t j = bv; j < b; ++j) eb[j] = eb[j] * c - k.b;
+    if (y >= j0 && y < j0 + b) eb[y - j0] -= grad_target_term(k, A(1));
+  }
+}
+
 // Pass B: the gradient of the row, written over the stored logits.
 template <class A, class S>
 void row_gradient(S* z, int64_t V, int64_t y, A z_y, const GradCoef<A>& k, const Block<A>& tf) {
@@ -124,8 +196,9 @@ void row_gradient(S* z, int64_t V, int64_t y, A z_y, const GradCoef<A>& k, const
   }
 }
 
+// block_max_seen: scratch of one entry per block of the row.
 template <class A, class S>
-void process_row(const RowChunk<A, S>& p, int64_t r) {
+void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
   const LossOptions& o = p.opt;
   const int64_t V = o.vocab;
   S* z = p.z + r * p.ld_z;
@@ -142,35 +215,42 @@ void process_row(const RowChunk<A, S>& p, int64_t r) {
     row_gradient(z, V, y, z_y, grad_coef(p.lse_in[r], p.scales[r], o), tf);
     return;
   }
-  // Pass A: running max and sum of exponentials over the blocks, sum of z, argmax.
+  // Pass A: running max and sum of exponentials over the blocks, sum of z, argmax (the first
+  // index of the maximum, found in the block that raised it). With float32/float64 storage and
+  // no softcap, the exponentials are kept in place for pass B.
+  constexpr bool kSameType = std::is_same_v<A, S>;
+  const bool store_exp = kSameType && p.write_grad && !(cap > 0);
   alignas(64) A buf[kBlock];
   A m = -std::numeric_limits<A>::infinity(), se = 0, sz = 0;
-  int64_t best = 0;
-  const bool want_sum = o.label_smoothing != 0;
-  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
-    const int64_t b = std::min(kBlock, V - j0);
-    tf.load(z, j0, b, buf);
-    const A bm = block_max(buf, b);
-    if (bm > m) best = j0;
-    merge_block_max(m, se, bm);
-    const auto [bse, bsz] = block_sums(buf, b, m, want_sum);
-    se += bse;
-    sz += bsz;
-  }
-  // The first index of the maximum lies in the first block that reached it.
   int64_t arg = -1;
-  {
-    const int64_t b = std::min(kBlock, V - best);
-    tf.load(z, best, b, buf);
-    for (int64_t j = 0; j < b && arg < 0; ++j) {
-      if (buf[j] == m) arg = best + j;
+  const bool want_sum = o.label_smoothing != 0;
+  for (int64_t j0 = 0, blk = 0; j0 < V; j0 += kBlock, ++blk) {
+    const int64_t b = std::min(kBlock, V - j0);
+    A* v = view_block(z, j0, b, buf, tf);
+    const A bm = block_max(v, b);
+    if (bm > m) arg = j0 + first_index_of(v, b, bm);
+    merge_block_max(m, se, bm);
+    if (store_exp) {
+      if (want_sum) sz += block_sums(v, b, m, true).second;
+      se += block_exp_store(v, same_type_or_null<A>(z) + j0, b, m);
+      block_max_seen[blk] = m;
+    } else {
+      const auto [bse, bsz] = block_sums(v, b, m, want_sum);
+      se += bse;
+      sz += bsz;
     }
   }
   const RowLoss<A> rl = row_loss(m, se, sz, z_y, o);
   p.loss[r] = rl.loss;
   p.lse[r] = rl.lse;
   p.correct[r] = arg == y ? A(1) : A(0);
-  if (p.write_grad) row_gradient(z, V, y, z_y, grad_coef(rl.lse, p.scales[r], o), tf);
+  if (!p.write_grad) return;
+  const GradCoef<A> k = grad_coef(rl.lse, p.scales[r], o);
+  if (store_exp) {
+    row_gradient_from_exp(same_type_or_null<A>(z), V, y, k, block_max_seen);
+  } else {
+    row_gradient(z, V, y, z_y, k, tf);
+  }
 }
 
 template <class T>
@@ -195,8 +275,10 @@ void rows_typed(const RowChunkTensors& c) {
   p.lse = ptr_or_null<A>(c.lse);
   p.correct = ptr_or_null<A>(c.correct);
   p.opt = c.opt;
+  const int64_t blocks = (p.opt.vocab + kBlock - 1) / kBlock;
   at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) process_row(p, r);
+    std::vector<A> block_max_seen(blocks);
+    for (int64_t r = begin; r < end; ++r) process_row(p, r, block_max_seen.data());
   });
 }
 
