@@ -63,6 +63,10 @@ def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, targets, head_weights, ignore_index, label_smoothing, z_loss, softcap,
      reduction, chunk_rows, grad_mask) = inputs
     _, lse, stats, dh, dw, db = output
+    # Only the loss is differentiable; without this autograd would hand backward zero tensors
+    # the size of the gradients for the other outputs.
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(lse, stats, dh, dw, db)
     ctx.kept = _grads_kept(reduction, grad_mask)
     ctx.kept_mask = tuple(grad_mask)
     ctx.has_bias = bias is not None
