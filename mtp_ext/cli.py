@@ -1,4 +1,5 @@
-"""mtp-ext command line: `mtp-ext bench` compares the loss paths side by side."""
+"""mtp-ext command line: `mtp-ext train` trains a small byte-level MTP model on the Python
+standard library's sources; `mtp-ext bench` compares the loss paths side by side."""
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,47 @@ def bench(args) -> int:
     return 0
 
 
+def train(args) -> int:
+    import json
+    from dataclasses import fields
+    from .train import TrainArgs, train as run
+    a = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs)})
+    summary = run(a)
+    with open(f"{a.out}/summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    return 0
+
+
+def _add_train(sub):
+    from .train import TrainArgs
+    d = TrainArgs()
+    t = sub.add_parser("train", help="train a byte-level MTP model (default corpus: the Python "
+                       "standard library's sources)")
+    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--seq-len", type=int, default=d.seq_len)
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--warmup", type=int, default=d.warmup)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--data", default=None, help="a folder of text files (default: the stdlib)")
+    t.add_argument("--out", default=d.out, help="output folder: checkpoint.pt, summary.json")
+    t.add_argument("--loss-impl", default=d.loss_impl, choices=["fused", "reference"])
+    t.add_argument("--eval-every", type=int, default=d.eval_every)
+    t.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--d-model", type=int, default=d.d_model)
+    t.add_argument("--layers", type=int, default=d.layers, help="trunk layers")
+    t.add_argument("--attn-heads", type=int, default=d.attn_heads)
+    t.add_argument("--n-future", type=int, default=d.n_future, help="prediction heads n")
+    t.add_argument("--threads", type=int, default=None)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="mtp-ext", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_train(sub)
     b = sub.add_parser("bench", help="time and peak memory of the loss paths, side by side")
     b.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="numbers of heads n")
     b.add_argument("--rows", type=int, default=4096, help="rows per head N (batch x sequence)")
@@ -66,6 +104,12 @@ def main(argv=None) -> int:
     b.add_argument("--out", help="also write the tables to this markdown file")
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.cmd == "train":
+        try:
+            return train(args)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"mtp-ext train: error: {e}", file=sys.stderr)
+            return 2
     if args.cmd == "bench":
         from . import benchmark as B
         args.paths = tuple(args.paths or B.PATHS)

@@ -1,0 +1,202 @@
+"""The reference multi-token prediction transformer of Gloeckle et al. 2024: a shared trunk, n
+heads that are each one transformer layer, a shared final norm and one shared unembedding (tied
+to the embedding, or one per head). Head 0 is the ordinary next-token head; head k predicts the
+token k + 1 positions ahead."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .outputs import MTPLossOutput
+
+LOSS_IMPLS = ("fused", "reference")
+
+
+@dataclass
+class MTPConfig:
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4          # trunk layers
+    n_heads: int = 4           # attention heads
+    n_future: int = 4          # prediction heads (n)
+    d_ff: Optional[int] = None  # SwiGLU hidden size; default about 8/3 d_model, a multiple of 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    per_head_unembedding: bool = False
+    z_loss: float = 0.0
+    chunk_size: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_future", "max_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "n_layers" else 1):
+                raise ValueError(f"MTPConfig.{name} must be a positive int, got {v!r}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"MTPConfig: d_model ({self.d_model}) must split into n_heads "
+                             f"({self.n_heads}) heads of even size")
+        if self.tie_embeddings and self.per_head_unembedding:
+            raise ValueError("MTPConfig: tie_embeddings and per_head_unembedding exclude each other")
+        if self.d_ff is None:
+            self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"MTPConfig: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float):
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, hd]; cos, sin [T, hd / 2] (rotating pairs of halves)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MTPConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: MTPConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        g, u = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(g) * u)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MTPConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class MTPOutput(NamedTuple):
+    loss: Optional[MTPLossOutput]  # with labels: loss, head_losses, head_accuracy, head_tokens
+    logits: Optional[torch.Tensor]  # [n, B, V]: each head's logits at the last position
+
+
+class MTPTransformer(nn.Module):
+    def __init__(self, cfg: MTPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.trunk = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.heads = nn.ModuleList(Block(cfg) for _ in range(cfg.n_future))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if cfg.per_head_unembedding:
+            self.unembed = nn.Parameter(torch.empty(cfg.n_future, cfg.vocab_size, cfg.d_model))
+        elif not cfg.tie_embeddings:
+            self.unembed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.cfg.d_model ** -0.5
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+        for blk in list(self.trunk) + list(self.heads):  # residual branches start small
+            nn.init.normal_(blk.attn.out.weight, std=std / math.sqrt(2 * (len(self.trunk) + 1)))
+            nn.init.normal_(blk.mlp.down.weight, std=std / math.sqrt(2 * (len(self.trunk) + 1)))
+        nn.init.normal_(self.embed.weight, std=1.0)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.unembed, std=std)
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """[V, D] shared, or [n, V, D] per head."""
+        return self.embed.weight if self.cfg.tie_embeddings else self.unembed
+
+    def trunk_forward(self, input_ids):
+        T = input_ids.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(input_ids)
+        for blk in self.trunk:
+            x = blk(x, cos, sin)
+        return x, cos, sin
+
+    def head_forward(self, k, x, cos, sin):
+        """Head k's final hidden state (after the shared norm) from the trunk's output x."""
+        return self.norm(self.heads[k](x, cos, sin))
+
+    def head_logits(self, k, h):
+        w = self.unembedding
+        return F.linear(h, w[k] if w.dim() == 3 else w)
+
+    def forward(self, input_ids, labels=None, *, loss_impl="fused", return_logits=None):
+        """input_ids [B, T]. With labels ([B, T], usually input_ids): the MTP loss, head k at
+        position t predicting labels[:, t + k + 1]. return_logits (default: when no labels):
+        each head's logits at the last position only, [n, B, V]."""
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        x, cos, sin = self.trunk_forward(input_ids)
+        hs = [self.head_forward(k, x, cos, sin) for k in range(self.cfg.n_future)]
+        loss = None
+        if labels is not None:
+            from . import loss as fused, reference
+            fn = fused.mtp_loss if loss_impl == "fused" else reference.mtp_loss
+            loss = fn(torch.stack(hs), self.unembedding, labels, z_loss=self.cfg.z_loss,
+                      chunk_size=self.cfg.chunk_size)
+        logits = None
+        if return_logits or (return_logits is None and labels is None):
+            logits = torch.stack([self.head_logits(k, h[:, -1]) for k, h in enumerate(hs)])
+        return MTPOutput(loss, logits)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,268 @@
+"""`mtp-ext train`: trains a small byte-level MTP model with the fused loss.
+
+The default corpus is the Python standard library's own source files, present on every Python
+installation, split deterministically into train and validation files by a hash of their path.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import sysconfig
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+from .model import LOSS_IMPLS, MTPConfig, MTPTransformer
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# ---- data ----
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _text_files(root: Path, suffixes: Optional[Tuple[str, ...]]) -> List[Path]:
+    out = []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or {"site-packages", "dist-packages", "__pycache__"} & set(p.parts):
+            continue
+        if suffixes is None or p.suffix in suffixes:
+            out.append(p)
+    return out
+
+
+def load_corpus(data: Optional[str] = None, val_fraction: float = 0.05):
+    """(train bytes, validation bytes, description) as uint8 tensors. data: a folder of text
+    files (binary files, with NUL bytes or not UTF-8, are skipped); None: the standard
+    library's .py files. A file goes to validation when crc32(relative path) says so."""
+    if data is None:
+        root, files = stdlib_root(), _text_files(stdlib_root(), (".py",))
+        what = f"Python standard library sources ({root})"
+    else:
+        root = Path(data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {data!r} is not a folder of text files")
+        files, what = _text_files(root, None), f"text files under {root}"
+    texts = []  # (bucket, bytes)
+    for p in files:
+        try:
+            b = p.read_bytes()
+            b.decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if b and b"\x00" not in b:
+            texts.append((zlib.crc32(str(p.relative_to(root)).encode()) % 1000, b))
+    cut = val_fraction * 1000
+    if texts and not any(k < cut for k, _ in texts):  # small folders: at least one file
+        cut = min(k for k, _ in texts) + 1
+    train = [b for k, b in texts if k >= cut]
+    val = [b for k, b in texts if k < cut]
+    if not train or not val:
+        raise ValueError(f"{what}: need text files for both training and validation, found "
+                         f"{len(train)} and {len(val)} (of {len(files)} files)")
+    as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8)
+    return as_tensor(train), as_tensor(val), f"{what}: {len(train)} train, {len(val)} validation files"
+
+
+def sample_batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator):
+    starts = torch.randint(0, data.numel() - seq_len, (batch,), generator=gen)
+    return torch.stack([data[s:s + seq_len] for s in starts.tolist()]).long()
+
+
+def eval_batches(data: torch.Tensor, n_batches: int, batch: int, seq_len: int):
+    """Fixed, evenly spaced windows of the validation data."""
+    count = n_batches * batch
+    starts = torch.linspace(0, data.numel() - seq_len - 1, count).long().tolist()
+    windows = torch.stack([data[s:s + seq_len] for s in starts]).long()
+    return windows.split(batch)
+
+
+@torch.no_grad()
+def evaluate(model: MTPTransformer, batches, loss_impl: str = "fused"):
+    """Per-head validation loss and top-1 accuracy, weighted by each head's tokens."""
+    model.eval()
+    n = model.cfg.n_future
+    loss_sum, correct, tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for x in batches:
+        out = model(x, x, loss_impl=loss_impl, return_logits=False).loss
+        t = out.head_tokens.double()
+        loss_sum += out.head_losses.double() * t
+        correct += out.head_accuracy.double() * t
+        tokens += t
+    model.train()
+    return (loss_sum / tokens).tolist(), (correct / tokens).tolist()
+
+
+# ---- progress ----
+
+class Progress:
+    """One status line, redrawn in place on a terminal, printed every ~10% otherwise."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream = total, stream
+        self.tty = stream.isatty()
+        self.last_print = -1
+
+    def update(self, step: int, text: str):
+        frac = step / max(self.total, 1)
+        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
+        line = f"[{bar}] {step}/{self.total} {text}"
+        if self.tty:
+            self.stream.write("\r" + line[:200] + "\x1b[K")
+            self.stream.flush()
+        elif step == self.total or step == 1 or int(10 * frac) > self.last_print:
+            self.last_print = int(10 * frac)
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+
+
+# ---- training ----
+
+@dataclass
+class TrainArgs:
+    steps: int = 300
+    batch_size: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup: int = 30
+    seed: int = 0
+    data: Optional[str] = None
+    out: str = "runs/mtp"
+    loss_impl: str = "fused"
+    eval_every: int = 100
+    eval_batches: int = 8
+    resume: bool = False
+    d_model: int = 256
+    layers: int = 4
+    attn_heads: int = 4
+    n_future: int = 4
+    threads: Optional[int] = None
+
+
+def lr_at(step: int, a: TrainArgs) -> float:
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    t = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: torch.Generator):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "config": model.cfg.to_dict(),
+                "optimizer": opt.state_dict(), "step": step, "args": vars(args),
+                "data_rng": gen.get_state()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: str) -> Tuple[MTPTransformer, dict]:
+    """The model of a checkpoint written by `mtp-ext train`, and the checkpoint dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = MTPTransformer(MTPConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model, ckpt
+
+
+def check_args(a: TrainArgs):
+    for name in ("steps", "batch_size", "seq_len", "eval_batches", "d_model", "layers",
+                 "attn_heads", "n_future"):
+        if getattr(a, name) < (0 if name == "layers" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(a, name)}")
+    if a.loss_impl not in LOSS_IMPLS:
+        raise ValueError(f"--loss-impl must be one of {LOSS_IMPLS}, got {a.loss_impl!r}")
+    if not a.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {a.lr}")
+
+
+def train(a: TrainArgs, log=print) -> dict:
+    check_args(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    train_data, val_data, what = load_corpus(a.data)
+    if min(train_data.numel(), val_data.numel()) <= a.seq_len + 1:
+        raise ValueError(f"corpus too small for --seq-len {a.seq_len}: {train_data.numel()} "
+                         f"train and {val_data.numel()} validation bytes")
+    ckpt_path = Path(a.out) / CHECKPOINT
+    gen = torch.Generator().manual_seed(a.seed)
+    start = 0
+    if a.resume:
+        model, ckpt = load_model(str(ckpt_path))
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95),
+                                weight_decay=a.weight_decay)
+        opt.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["data_rng"])
+        start = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {start}")
+    else:
+        cfg = MTPConfig(vocab_size=256, d_model=a.d_model, n_layers=a.layers,
+                        n_heads=a.attn_heads, n_future=a.n_future, max_seq_len=a.seq_len)
+        model = MTPTransformer(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95),
+                                weight_decay=a.weight_decay)
+    n = model.cfg.n_future
+    log(f"data: {what}; {train_data.numel() / 1e6:.1f} MB train, {val_data.numel() / 1e6:.2f} MB "
+        f"validation")
+    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.cfg.n_layers} trunk "
+        f"layers + {n} heads, d_model {model.cfg.d_model}; loss: {a.loss_impl}; "
+        f"{torch.get_num_threads()} threads")
+    val = eval_batches(val_data, a.eval_batches, a.batch_size, a.seq_len)
+    history, first_losses = [], None
+    progress = Progress(a.steps)
+    t0 = time.perf_counter()
+    tokens = 0
+    for step in range(start, a.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a)
+        x = sample_batch(train_data, a.batch_size, a.seq_len, gen)
+        out = model(x, x, loss_impl=a.loss_impl).loss
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += x.numel()
+        heads = out.head_losses.tolist()
+        if first_losses is None:
+            first_losses = {"step": step + 1, "loss": out.loss.item(), "head_losses": heads}
+        rate = tokens / (time.perf_counter() - t0)
+        progress.update(step + 1, f"| {rate / 1e3:.1f}k tok/s | loss "
+                        + " ".join(f"h{k}:{v:.3f}" for k, v in enumerate(heads)))
+        if (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
+            vl, _ = evaluate(model, val, a.loss_impl)
+            history.append({"step": step + 1, "val_losses": vl})
+    progress.close()
+    train_time = time.perf_counter() - t0
+    val_losses, val_acc = evaluate(model, val, a.loss_impl)
+    history.append({"step": a.steps, "val_losses": val_losses})
+    save_checkpoint(ckpt_path, model, opt, a.steps, a, gen)
+    summary = {
+        "steps": a.steps, "tokens": tokens, "train_seconds": train_time,
+        "tokens_per_second": tokens / max(train_time, 1e-9),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "first_step": first_losses, "val_losses": val_losses, "val_accuracy": val_acc,
+        "history": history, "checkpoint": str(ckpt_path),
+    }
+    log(f"done: {a.steps} steps, {tokens / 1e6:.2f}M tokens in {train_time:.0f} s "
+        f"({summary['tokens_per_second'] / 1e3:.1f}k tok/s), peak RSS "
+        f"{summary['peak_rss_mib']:.0f} MiB")
+    if first_losses:
+        log(f"step {first_losses['step']} loss {first_losses['loss']:.4f}")
+    log("validation  " + "  ".join(f"head {k}: loss {l:.3f} acc {c:.3f}"
+                                  for k, (l, c) in enumerate(zip(val_losses, val_acc))))
+    log(f"checkpoint: {ckpt_path}")
+    return summary

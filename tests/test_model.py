@@ -1,0 +1,144 @@
+"""The reference MTP transformer and `mtp-ext train`."""
+import json
+import os
+
+import pytest
+import torch
+
+import mtp_ext
+from mtp_ext import reference
+from mtp_ext.cli import main as cli_main
+from mtp_ext.model import MTPConfig, MTPTransformer
+from mtp_ext.train import TrainArgs, evaluate, load_corpus, load_model, train
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=40, d_model=32, n_layers=2, n_heads=2, n_future=3, max_seq_len=32)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return MTPTransformer(MTPConfig(**cfg))
+
+
+@pytest.mark.parametrize("variant", [{}, {"tie_embeddings": True}, {"per_head_unembedding": True}])
+def test_fused_and_reference_loss_paths_agree(variant):
+    model = tiny(**variant).double()
+    x = torch.randint(0, 40, (3, 17), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for impl in ("fused", "reference"):
+        model.zero_grad()
+        out = model(x, x, loss_impl=impl).loss
+        out.loss.backward()
+        grads[impl] = (out, [p.grad.clone() for p in model.parameters()])
+    (a, ga), (b, gb) = grads["fused"], grads["reference"]
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a.head_losses, b.head_losses)
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+
+
+def test_head_k_uses_targets_shifted_by_k_plus_1():
+    model = tiny()
+    x = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(2))
+    out = model(x, x).loss
+    xs, cos, sin = model.trunk_forward(x)
+    for k in range(model.cfg.n_future):
+        h = model.head_forward(k, xs, cos, sin)
+        logits = model.head_logits(k, h)[:, : 12 - k - 1]
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), x[:, k + 1:].reshape(-1))
+        torch.testing.assert_close(out.head_losses[k], want, rtol=1e-5, atol=1e-6)
+        assert out.head_tokens[k] == 2 * (12 - k - 1)
+
+
+def test_inference_returns_last_position_logits_only():
+    model = tiny()
+    x = torch.randint(0, 40, (2, 9))
+    out = model(x)
+    assert out.loss is None and out.logits.shape == (3, 2, 40)
+    xs, cos, sin = model.trunk_forward(x)
+    for k in range(3):
+        full = model.head_logits(k, model.head_forward(k, xs, cos, sin))
+        torch.testing.assert_close(out.logits[k], full[:, -1])
+
+
+def test_bad_config_and_inputs():
+    with pytest.raises(ValueError, match="d_model"):
+        MTPConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="n_future"):
+        MTPConfig(n_future=0)
+    with pytest.raises(ValueError, match="exclude"):
+        MTPConfig(tie_embeddings=True, per_head_unembedding=True)
+    model = tiny()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="loss_impl"):
+        model(torch.zeros(1, 3, dtype=torch.long), loss_impl="triton")
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    words = ["def ", "return ", "self", "(x)", ":\n    ", "import os\n", "class A:\n"]
+    for i in range(40):
+        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
+        (d / f"f{i}.py").write_text("".join(words[j] for j in idx))
+    (d / "blob.bin").write_bytes(b"\x00\x01\x02")
+    return d
+
+
+def small_args(corpus, out, **kw):
+    a = TrainArgs(steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=5, data=str(corpus),
+                  out=str(out), eval_every=1000, eval_batches=2, d_model=32, layers=1,
+                  attn_heads=2, n_future=3)
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_training_lowers_every_head_loss_and_checkpoint_round_trips(corpus, tmp_path):
+    logs = []
+    s = train(small_args(corpus, tmp_path / "run"), log=logs.append)
+    first = s["first_step"]["head_losses"]
+    assert all(v < f - 0.5 for v, f in zip(s["val_losses"], first)), (first, s["val_losses"])
+    model, ckpt = load_model(s["checkpoint"])
+    assert ckpt["step"] == 40
+    x = torch.randint(0, 256, (2, 16))
+    a = model(x).logits
+    b, _ = load_model(s["checkpoint"])
+    torch.testing.assert_close(a, b(x).logits, rtol=0, atol=0)
+    # resume continues from the saved step and optimizer state
+    s2 = train(small_args(corpus, tmp_path / "run", steps=45, resume=True), log=logs.append)
+    assert s2["tokens"] == 5 * 8 * 32
+    assert any("resumed" in l for l in logs)
+
+
+def test_reference_run_matches_fused_at_step_one(corpus, tmp_path):
+    a = train(small_args(corpus, tmp_path / "f", steps=1), log=lambda s: None)
+    b = train(small_args(corpus, tmp_path / "r", steps=1, loss_impl="reference"),
+              log=lambda s: None)
+    assert a["first_step"]["loss"] == pytest.approx(b["first_step"]["loss"], rel=1e-5)
+
+
+def test_corpus_split_is_deterministic_and_skips_binary(corpus):
+    tr1, va1, _ = load_corpus(str(corpus))
+    tr2, va2, _ = load_corpus(str(corpus))
+    assert torch.equal(tr1, tr2) and torch.equal(va1, va2)
+    assert 0 not in tr1.tolist()
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert cli_main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert cli_main(["train", "--steps", "0", "--out", str(tmp_path)]) == 2
+    assert "--steps must be positive" in capsys.readouterr().err
+
+
+def test_cli_train_writes_summary(corpus, tmp_path):
+    out = tmp_path / "cli"
+    rc = cli_main(["train", "--data", str(corpus), "--out", str(out), "--steps", "3",
+                   "--batch-size", "2", "--seq-len", "16", "--d-model", "32", "--layers", "1",
+                   "--attn-heads", "2", "--n-future", "2", "--eval-batches", "1"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["val_losses"]) == 2 and os.path.isfile(summary["checkpoint"])
