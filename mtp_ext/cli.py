@@ -1,5 +1,6 @@
 """mtp-ext command line: `mtp-ext train` trains a small byte-level MTP model on the Python
-standard library's sources; `mtp-ext bench` compares the loss paths side by side."""
+standard library's sources; `mtp-ext generate` decodes from its checkpoint (plain or
+self-speculative); `mtp-ext bench` compares the loss paths side by side."""
 from __future__ import annotations
 
 import argparse
@@ -83,11 +84,46 @@ def _add_train(sub):
     t.add_argument("--threads", type=int, default=None)
 
 
+def generate(args) -> int:
+    from .train import load_model
+    model, _ = load_model(args.checkpoint)
+    if model.cfg.vocab_size != 256:
+        raise ValueError("mtp-ext generate reads byte-level checkpoints (vocabulary 256)")
+    prompt = torch.tensor([list(args.prompt.encode("utf-8"))])
+    gen = torch.Generator().manual_seed(args.seed)
+    out = model.generate(prompt, args.max_new_tokens, speculative=args.speculative,
+                         stop_token=args.stop_byte, temperature=args.temperature,
+                         top_k=args.top_k, generator=gen)
+    text = bytes(out.tokens[0].tolist()).decode("utf-8", errors="replace")
+    print(text)
+    st = out.stats()
+    acc = " ".join(f"h{k + 1}:{a:.2f}" for k, a in enumerate(st["head_acceptance"]))
+    print(f"\n[{'speculative' if args.speculative else 'plain'}] {st['new_tokens']} tokens, "
+          f"{st['forward_passes']} forward passes, {st['tokens_per_forward']:.2f} tokens/forward, "
+          f"{st['wall_seconds']:.3f} s ({st['tokens_per_second']:.0f} tokens/s)"
+          + (f", acceptance {acc}" if args.speculative else ""), file=sys.stderr)
+    return 0
+
+
+def _add_generate(sub):
+    g = sub.add_parser("generate", help="generate text from a `mtp-ext train` checkpoint")
+    g.add_argument("--checkpoint", default="runs/mtp/checkpoint.pt")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--speculative", action="store_true",
+                   help="greedy self-speculative decoding with the extra heads")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--stop-byte", type=int, default=None, help="stop at this byte value")
+    g.add_argument("--seed", type=int, default=0)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="mtp-ext", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
+    _add_generate(sub)
     b = sub.add_parser("bench", help="time and peak memory of the loss paths, side by side")
     b.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="numbers of heads n")
     b.add_argument("--rows", type=int, default=4096, help="rows per head N (batch x sequence)")
@@ -104,11 +140,11 @@ def main(argv=None) -> int:
     b.add_argument("--out", help="also write the tables to this markdown file")
     args = ap.parse_args(argv)
     args.argv = argv
-    if args.cmd == "train":
+    if args.cmd in ("train", "generate"):
         try:
-            return train(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"mtp-ext train: error: {e}", file=sys.stderr)
+            return (train if args.cmd == "train" else generate)(args)
+        except (ValueError, FileNotFoundError) as e:  # bad flags or data: a message, not a trace
+            print(f"mtp-ext {args.cmd}: error: {e}", file=sys.stderr)
             return 2
     if args.cmd == "bench":
         from . import benchmark as B

@@ -88,12 +88,39 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: Optional["KVCache"] = None, mask=None):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # T new positions after the cached ones: each sees the cache, itself and before
+            k, v = cache.append(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class KVCache:
+    """Keys and values of one attention layer for positions [0, length), in buffers sized for
+    max_len positions. append() writes the new positions and returns the keys and values so far;
+    truncate() forgets positions past a length (rejected drafts)."""
+
+    def __init__(self, batch: int, n_heads: int, head_dim: int, max_len: int, dtype, device):
+        self.k = torch.empty(batch, n_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k, v):
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache of {self.k.shape[2]} positions cannot hold {end}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def truncate(self, length: int):
+        self.length = min(self.length, length)
 
 
 class SwiGLU(nn.Module):
@@ -115,8 +142,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.norm1(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cache, mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -197,6 +224,47 @@ class MTPTransformer(nn.Module):
         if return_logits or (return_logits is None and labels is None):
             logits = torch.stack([self.head_logits(k, h[:, -1]) for k, h in enumerate(hs)])
         return MTPOutput(loss, logits)
+
+    # ---- incremental decoding ----
+
+    def new_caches(self, batch: int, max_len: Optional[int] = None):
+        """One KVCache per trunk layer and per head layer."""
+        c = self.cfg
+        max_len = max_len or c.max_seq_len
+        p = self.embed.weight
+        return [KVCache(batch, c.n_heads, c.d_model // c.n_heads, max_len, p.dtype, p.device)
+                for _ in range(c.n_layers + c.n_future)]
+
+    def forward_cached(self, input_ids, caches, heads: Optional[int] = None):
+        """Runs the T new tokens input_ids [B, T] after the positions the caches hold (adding
+        them to the caches); returns the logits of heads 0..heads-1 (default: all n) at the new
+        positions, [heads, B, T, V]. The caches of the heads left out are not updated."""
+        start, T = caches[0].length, input_ids.shape[1]
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
+                             f"{self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        # query i (position start + i) sees keys 0..start + i; one new token sees them all
+        mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool,
+                                               device=input_ids.device).tril(start)
+        x = self.embed(input_ids)
+        L = self.cfg.n_layers
+        for i, blk in enumerate(self.trunk):
+            x = blk(x, cos, sin, caches[i], mask)
+        heads = self.cfg.n_future if heads is None else heads
+        return torch.stack([self.head_logits(k, self.norm(self.heads[k](x, cos, sin, caches[L + k], mask)))
+                            for k in range(heads)])
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, *, speculative: bool = False,
+                 stop_token: Optional[int] = None, temperature: float = 0.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None):
+        """Greedy decoding (or sampling with temperature / top_k), or greedy self-speculative
+        decoding; see mtp_ext.generate."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, speculative=speculative,
+                        stop_token=stop_token, temperature=temperature, top_k=top_k,
+                        generator=generator)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
