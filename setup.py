@@ -71,8 +71,18 @@ def extension():
     if not cuda:
         return cpp_extension.CppExtension(**args)
     args["sources"] += cuda_sources
-    args["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    args["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17"]
+    # cuBLAS and the other CUDA library headers come with the nvidia-* wheels of a pip-installed
+    # CUDA torch; a toolkit that has only nvcc finds them there.
+    try:
+        import nvidia
+        args["include_dirs"] += [os.path.join(p, "include") for p in
+                                 glob.glob(os.path.join(nvidia.__path__[0], "cu*"))]
+    except ImportError:
+        pass
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     return cpp_extension.CUDAExtension(**args)
 
 

@@ -63,6 +63,7 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     rc.lse = rows(p.lse);
     rc.correct = rows(p.correct);
     rc.opt = p.opt;
+    rc.row_offset = start;
     if (grad) rc.g = rc.z;
     dev.rows(rc);
     if (!grad) continue;
@@ -149,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.lse = at::empty({n * N}, acc_opts);
   p.correct = at::empty({n * N}, acc_opts);
   run_chunks(dev, p);
+  dev.finish();
 
   const at::Tensor loss_rows = p.loss.view({n, N});
   const at::Tensor loss_sum = loss_rows.sum(1, false, at::kDouble);

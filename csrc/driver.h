@@ -22,6 +22,7 @@ struct RowChunkTensors {
   at::Tensor scales;   // [c] acc dtype, with g
   at::Tensor lse_in;   // [c] acc dtype: given lse (backward), or undefined (forward)
   at::Tensor loss, lse, correct;  // [c] acc dtype outputs of the forward
+  int64_t row_offset = 0;         // flattened index of the chunk's first row
   LossOptions opt;
 };
 
@@ -40,6 +41,8 @@ class DeviceKernels {
   // dw_acc[V, D] (float32, or float64) += g[c, V]^T x[c, D]
   virtual void grad_weight(const at::Tensor& g, const at::Tensor& x,
                            const at::Tensor& dw_acc) const = 0;
+  // Called once after the forward's chunks: reports what the kernels found on the device.
+  virtual void finish() const {}
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward(

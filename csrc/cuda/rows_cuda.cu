@@ -1,0 +1,213 @@
+// CUDA row kernels: a row is spread over a thread block. Pass A: each thread keeps a running
+// (max, sum of exp, argmax, sum of z) over its strided elements, merged across the block; pass B
+// writes the gradient over the logits in place (each element by the thread that reads it).
+// The maths is that of csrc/common/ce_math.h, shared with the CPU kernels.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "rows_cuda.h"
+
+namespace mtp::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+
+template <class S, class A>
+__device__ __forceinline__ S from_acc(A x);
+template <>
+__device__ __forceinline__ float from_acc<float, float>(float x) { return x; }
+template <>
+__device__ __forceinline__ double from_acc<double, double>(double x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16(x);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float x) { return __float2half(x); }
+
+// 16-byte packs of S for vectorized loads and stores.
+template <class S>
+struct alignas(16) Pack {
+  static constexpr int kN = 16 / sizeof(S);
+  S v[kN];
+};
+
+template <class A>
+struct Running {
+  A max, sum_exp, sum_z;
+  int64_t arg;
+};
+
+template <class A>
+__device__ __forceinline__ void push(Running<A>& r, A x, int64_t j) {
+  if (x > r.max) {  // also the first finite element: exp(-inf) = 0
+    r.sum_exp = r.sum_exp * Math<A>::exp(r.max - x) + A(1);
+    r.max = x;
+    r.arg = j;
+  } else {
+    r.sum_exp += Math<A>::exp(x - r.max);  // NaN stays NaN
+  }
+  r.sum_z += x;
+}
+
+template <class A>
+__device__ __forceinline__ Running<A> merge(const Running<A>& a, const Running<A>& b) {
+  if (a.max != a.max || b.max != b.max) {
+    const A nan = a.max != a.max ? a.max : b.max;
+    return {nan, nan, a.sum_z + b.sum_z, -1};
+  }
+  Running<A> r;
+  r.max = a.max > b.max ? a.max : b.max;
+  const A sa = a.sum_exp == A(0) ? A(0) : a.sum_exp * Math<A>::exp(a.max - r.max);
+  const A sb = b.sum_exp == A(0) ? A(0) : b.sum_exp * Math<A>::exp(b.max - r.max);
+  r.sum_exp = sa + sb;
+  r.sum_z = a.sum_z + b.sum_z;
+  if (a.max == b.max) {
+    r.arg = (a.arg >= 0 && (b.arg < 0 || a.arg < b.arg)) ? a.arg : b.arg;
+  } else {
+    r.arg = a.max > b.max ? a.arg : b.arg;
+  }
+  return r;
+}
+
+template <class A>
+__device__ Running<A> block_merge(Running<A> r) {
+  __shared__ Running<A> warp_out[kWarps];
+  for (int off = 16; off > 0; off >>= 1) {
+    Running<A> o;
+    o.max = __shfl_down_sync(0xffffffffu, r.max, off);
+    o.sum_exp = __shfl_down_sync(0xffffffffu, r.sum_exp, off);
+    o.sum_z = __shfl_down_sync(0xffffffffu, r.sum_z, off);
+    o.arg = __shfl_down_sync(0xffffffffu, r.arg, off);
+    r = merge(r, o);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warp_out[warp] = r;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) r = merge(r, warp_out[w]);
+  }
+  return r;  // valid in thread 0
+}
+
+template <class A>
+struct Transform {
+  const A* bias;
+  A cap, inv_cap;
+  __device__ __forceinline__ A operator()(A x, int64_t j) const {
+    if (bias) x += bias[j];
+    return cap > A(0) ? softcap_forward(x, cap, inv_cap) : x;
+  }
+};
+
+// Visits the row's elements j owned by this thread, in increasing j, with 16-byte packs when
+// the row allows it.
+template <bool kVec, class S, class F>
+__device__ __forceinline__ void for_each(S* z, int64_t V, F&& f) {
+  if constexpr (kVec) {
+    constexpr int N = Pack<S>::kN;
+    Pack<S>* zp = reinterpret_cast<Pack<S>*>(z);
+    for (int64_t i = threadIdx.x; i < V / N; i += kThreads) {
+      Pack<S> pk = zp[i];
+      const bool changed = f(pk.v, i * N, N);
+      if (changed) zp[i] = pk;
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) f(z + j, j, 1);
+  }
+}
+
+template <class A, class S, bool kVec>
+__global__ void __launch_bounds__(kThreads) rows_kernel(RowChunk<A, S> p, int64_t row_offset,
+                                                        int* bad_target) {
+  const int64_t r = blockIdx.x;
+  const LossOptions& o = p.opt;
+  const int64_t V = o.vocab;
+  S* z = p.z + r * p.ld_z;
+  const int64_t y = p.targets[r];
+  const bool ignored = y == o.ignore_index;
+  const bool bad = !ignored && (y < 0 || y >= V);
+  if (bad && threadIdx.x == 0) atomicCAS(bad_target, 0, int(row_offset + r + 1));
+  if (ignored || bad) {
+    if (threadIdx.x == 0 && !p.lse_in) p.loss[r] = p.lse[r] = p.correct[r] = A(0);
+    if (p.write_grad) {
+      for_each<kVec>(z, V, [](S* v, int64_t, int n) {
+        for (int i = 0; i < n; ++i) v[i] = from_acc<S>(A(0));
+        return true;
+      });
+    }
+    return;
+  }
+  const A cap = A(o.softcap);
+  const Transform<A> tf{p.bias, cap, cap > A(0) ? A(1) / cap : A(0)};
+  __shared__ A row_lse;
+  const A z_y = tf(to_acc(z[y]), y);
+  if (p.lse_in) {
+    if (threadIdx.x == 0) row_lse = p.lse_in[r];
+  } else {
+    Running<A> run{-INFINITY, A(0), A(0), -1};
+    for_each<kVec>(z, V, [&](S* v, int64_t j0, int n) {
+      for (int i = 0; i < n; ++i) push(run, tf(to_acc(v[i]), j0 + i), j0 + i);
+      return false;
+    });
+    run = block_merge(run);
+    if (threadIdx.x == 0) {
+      const RowLoss<A> rl = row_loss(run.max, run.sum_exp, run.sum_z, z_y, o);
+      p.loss[r] = rl.loss;
+      p.lse[r] = rl.lse;
+      p.correct[r] = run.arg == y ? A(1) : A(0);
+      row_lse = rl.lse;
+    }
+  }
+  if (!p.write_grad) return;
+  __syncthreads();
+  const GradCoef<A> k = grad_coef(row_lse, p.scales[r], o);
+  const A target_term = grad_target_term(k, cap > A(0) ? softcap_derivative(z_y, tf.inv_cap) : A(1));
+  for_each<kVec>(z, V, [&](S* v, int64_t j0, int n) {
+    for (int i = 0; i < n; ++i) {
+      const A x = tf(to_acc(v[i]), j0 + i);
+      A g = grad_from_logit(x, k);
+      if (cap > A(0)) g *= softcap_derivative(x, tf.inv_cap);
+      if (j0 + i == y) g -= target_term;
+      v[i] = from_acc<S>(g);
+    }
+    return true;
+  });
+}
+
+}  // namespace
+
+template <class A, class S>
+cudaError_t launch_rows(const RowChunk<A, S>& p, int64_t row_offset, int* bad_target,
+                        cudaStream_t stream) {
+  if (p.rows == 0) return cudaSuccess;
+  constexpr int N = Pack<S>::kN;
+  const bool vec = p.opt.vocab % N == 0 && (p.ld_z * int64_t(sizeof(S))) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(p.z) % 16 == 0;
+  if (vec) {
+    rows_kernel<A, S, true><<<p.rows, kThreads, 0, stream>>>(p, row_offset, bad_target);
+  } else {
+    rows_kernel<A, S, false><<<p.rows, kThreads, 0, stream>>>(p, row_offset, bad_target);
+  }
+  return cudaGetLastError();
+}
+
+template cudaError_t launch_rows<float, float>(const RowChunk<float, float>&, int64_t, int*,
+                                               cudaStream_t);
+template cudaError_t launch_rows<double, double>(const RowChunk<double, double>&, int64_t, int*,
+                                                 cudaStream_t);
+template cudaError_t launch_rows<float, __nv_bfloat16>(const RowChunk<float, __nv_bfloat16>&,
+                                                       int64_t, int*, cudaStream_t);
+template cudaError_t launch_rows<float, __half>(const RowChunk<float, __half>&, int64_t, int*,
+                                                cudaStream_t);
+
+}  // namespace mtp::cuda
