@@ -73,11 +73,12 @@ def extension():
     args["sources"] += cuda_sources
     args["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17"]
     # cuBLAS and the other CUDA library headers come with the nvidia-* wheels of a pip-installed
-    # CUDA torch; a toolkit that has only nvcc finds them there.
+    # CUDA torch; a toolkit that has only nvcc finds them there, after its own headers (only the
+    # torch glue, compiled by the host compiler, needs them).
     try:
         import nvidia
-        args["include_dirs"] += [os.path.join(p, "include") for p in
-                                 glob.glob(os.path.join(nvidia.__path__[0], "cu*"))]
+        for d in glob.glob(os.path.join(nvidia.__path__[0], "cu*", "include")):
+            args["extra_compile_args"]["cxx"] += ["-idirafter", d]
     except ImportError:
         pass
     import torch

@@ -9,7 +9,11 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/mtp_ext_cuda_venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q torch==2.14.1 numpy ninja pybind11 setuptools wheel
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
+if [ -z "${CUDA_HOME:-}" ]; then
+  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  [ -f "$CUDA_HOME/include/cuda_runtime.h" ] || CUDA_HOME=/usr/local/cuda
+fi
+export CUDA_HOME
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 src=$(mktemp -d)
