@@ -149,3 +149,22 @@ def test_16bit_without_mixed_precision_gemm(dtype, monkeypatch):
     slow = check_against_f64(dtype, 200, 48, 3001, {}, bias=True, reduction="mean",
                              chunk_size=64, seed=31)
     assert slow[0] == fast[0]  # same logits GEMM: identical loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grad", [False, True])
+def test_masked_vocabulary_with_minus_inf_bias(dtype, grad):
+    """A bias of -inf masks tokens (here the first 700, more than one block, and some others)."""
+    h, w, b, y = make_inputs(40, 16, 2000, torch.float32, seed=12, bias=True, ignore_frac=0.1)
+    b[:700] = float("-inf")
+    b[1500:1510] = float("-inf")
+    y[y >= 0] = 700 + y[y >= 0] % 800
+    h, w, b = h.to(dtype), w.to(dtype), b.to(dtype)
+    hh = h.clone().requires_grad_(grad)
+    loss = mtp_ext.linear_cross_entropy(hh, w, y, b, chunk_size=16)
+    ref = reference.linear_cross_entropy(h.double(), w.double(), y, b.double())
+    assert torch.isfinite(loss)
+    assert rel_err(loss, ref) <= (1e-5 if dtype == torch.float32 else 2e-2)
+    if grad:
+        loss.backward()
+        assert torch.isfinite(hh.grad).all()

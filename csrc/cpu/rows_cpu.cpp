@@ -230,12 +230,14 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
     const A bm = block_max(v, b);
     if (bm > m) arg = j0 + first_index_of(v, b, bm);
     merge_block_max(m, se, bm);
+    // while every logit so far is -inf (masked tokens), exponentials are taken against 0
+    const A mref = m == -std::numeric_limits<A>::infinity() ? A(0) : m;
     if (store_exp) {
-      if (want_sum) sz += block_sums(v, b, m, true).second;
-      se += block_exp_store(v, same_type_or_null<A>(z) + j0, b, m);
-      block_max_seen[blk] = m;
+      if (want_sum) sz += block_sums(v, b, mref, true).second;
+      se += block_exp_store(v, same_type_or_null<A>(z) + j0, b, mref);
+      block_max_seen[blk] = mref;
     } else {
-      const auto [bse, bsz] = block_sums(v, b, m, want_sum);
+      const auto [bse, bsz] = block_sums(v, b, mref, want_sum);
       se += bse;
       sz += bsz;
     }

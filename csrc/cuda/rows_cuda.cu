@@ -5,6 +5,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -47,16 +48,25 @@ struct Running {
   int64_t arg;
 };
 
+// The running max starts at the lowest finite value, so that a -inf logit (a masked token) adds
+// exp(-inf - max) = 0 even before any finite one.
+template <class A>
+__device__ __forceinline__ A lowest();
+template <>
+__device__ __forceinline__ float lowest<float>() { return -FLT_MAX; }
+template <>
+__device__ __forceinline__ double lowest<double>() { return -DBL_MAX; }
+
 template <class A>
 __device__ __forceinline__ void push(Running<A>& r, A x, int64_t j) {
-  if (x > r.max) {  // also the first finite element: exp(-inf) = 0
+  r.sum_z += x;
+  if (x > r.max) {
     r.sum_exp = r.sum_exp * Math<A>::exp(r.max - x) + A(1);
     r.max = x;
     r.arg = j;
   } else {
     r.sum_exp += Math<A>::exp(x - r.max);  // NaN stays NaN
   }
-  r.sum_z += x;
 }
 
 template <class A>
@@ -109,20 +119,21 @@ struct Transform {
   }
 };
 
-// Visits the row's elements j owned by this thread, in increasing j, with 16-byte packs when
-// the row allows it.
-template <bool kVec, class S, class F>
+// Calls f(element, j) for the row's elements j owned by this thread, in increasing j, with
+// 16-byte packs when the row allows it; kWrite stores the elements back.
+template <bool kVec, bool kWrite, class S, class F>
 __device__ __forceinline__ void for_each(S* z, int64_t V, F&& f) {
   if constexpr (kVec) {
     constexpr int N = Pack<S>::kN;
     Pack<S>* zp = reinterpret_cast<Pack<S>*>(z);
     for (int64_t i = threadIdx.x; i < V / N; i += kThreads) {
       Pack<S> pk = zp[i];
-      const bool changed = f(pk.v, i * N, N);
-      if (changed) zp[i] = pk;
+#pragma unroll
+      for (int e = 0; e < N; ++e) f(pk.v[e], i * N + e);
+      if constexpr (kWrite) zp[i] = pk;
     }
   } else {
-    for (int64_t j = threadIdx.x; j < V; j += kThreads) f(z + j, j, 1);
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) f(z[j], j);
   }
 }
 
@@ -140,10 +151,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowChunk<A, S> p, int64_
   if (ignored || bad) {
     if (threadIdx.x == 0 && !p.lse_in) p.loss[r] = p.lse[r] = p.correct[r] = A(0);
     if (p.write_grad) {
-      for_each<kVec>(z, V, [](S* v, int64_t, int n) {
-        for (int i = 0; i < n; ++i) v[i] = from_acc<S>(A(0));
-        return true;
-      });
+      for_each<kVec, true>(z, V, [](S& v, int64_t) { v = from_acc<S>(A(0)); });
     }
     return;
   }
@@ -154,11 +162,8 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowChunk<A, S> p, int64_
   if (p.lse_in) {
     if (threadIdx.x == 0) row_lse = p.lse_in[r];
   } else {
-    Running<A> run{-INFINITY, A(0), A(0), -1};
-    for_each<kVec>(z, V, [&](S* v, int64_t j0, int n) {
-      for (int i = 0; i < n; ++i) push(run, tf(to_acc(v[i]), j0 + i), j0 + i);
-      return false;
-    });
+    Running<A> run{lowest<A>(), A(0), A(0), -1};
+    for_each<kVec, false>(z, V, [&](S& v, int64_t j) { push(run, tf(to_acc(v), j), j); });
     run = block_merge(run);
     if (threadIdx.x == 0) {
       const RowLoss<A> rl = row_loss(run.max, run.sum_exp, run.sum_z, z_y, o);
@@ -172,15 +177,12 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowChunk<A, S> p, int64_
   __syncthreads();
   const GradCoef<A> k = grad_coef(row_lse, p.scales[r], o);
   const A target_term = grad_target_term(k, cap > A(0) ? softcap_derivative(z_y, tf.inv_cap) : A(1));
-  for_each<kVec>(z, V, [&](S* v, int64_t j0, int n) {
-    for (int i = 0; i < n; ++i) {
-      const A x = tf(to_acc(v[i]), j0 + i);
-      A g = grad_from_logit(x, k);
-      if (cap > A(0)) g *= softcap_derivative(x, tf.inv_cap);
-      if (j0 + i == y) g -= target_term;
-      v[i] = from_acc<S>(g);
-    }
-    return true;
+  for_each<kVec, true>(z, V, [&](S& v, int64_t j) {
+    const A x = tf(to_acc(v), j);
+    A g = grad_from_logit(x, k);
+    if (cap > A(0)) g *= softcap_derivative(x, tf.inv_cap);
+    if (j == y) g -= target_term;
+    v = from_acc<S>(g);
   });
 }
 
