@@ -226,6 +226,10 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
   const bool want_sum = o.label_smoothing != 0;
   for (int64_t j0 = 0, blk = 0; j0 < V; j0 += kBlock, ++blk) {
     const int64_t b = std::min(kBlock, V - j0);
+    // the row streams in from memory: ask for the block after next while this one is reduced
+    for (int64_t j = j0 + 2 * kBlock; j < std::min(V, j0 + 3 * kBlock); j += 64 / sizeof(S)) {
+      __builtin_prefetch(z + j);
+    }
     A* v = view_block(z, j0, b, buf, tf);
     const A bm = block_max(v, b);
     if (bm > m) arg = j0 + first_index_of(v, b, bm);
