@@ -22,6 +22,7 @@ def optional_paths(case):
     """Liger-Kernel and cut-cross-entropy, one call per head, when importable."""
     import torch
     from mtp_ext import benchmark as B
+    from mtp_ext._checks import shift_labels
     extra = {}
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
@@ -36,7 +37,7 @@ def optional_paths(case):
     rows = []
     for name, fn in extra.items():
         h0, w0, labels = B.make_inputs(case)
-        targets = B._shifted(labels, case.n).reshape(case.n, -1)
+        targets = shift_labels(labels, case.n, -100).reshape(case.n, -1)
 
         def step():
             h = h0.detach().reshape(case.n, -1, case.D).requires_grad_()

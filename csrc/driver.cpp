@@ -64,14 +64,15 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     rc.correct = rows(p.correct);
     rc.opt = p.opt;
     rc.row_offset = start;
-    if (grad) rc.g = rc.z;
+    rc.write_grad = grad;
     dev.rows(rc);
     if (!grad) continue;
-    if (p.dx.defined()) dev.grad_input(rc.g, w, p.dx.narrow(0, start, c));
-    if (p.dw_acc.defined()) dev.grad_weight(rc.g, x, shared ? p.dw_acc : p.dw_acc.select(0, head));
+    const at::Tensor& g = rc.z;  // now the gradient
+    if (p.dx.defined()) dev.grad_input(g, w, p.dx.narrow(0, start, c));
+    if (p.dw_acc.defined()) dev.grad_weight(g, x, shared ? p.dw_acc : p.dw_acc.select(0, head));
     if (p.db_acc.defined()) {
       at::Tensor db = p.db_acc.dim() == 1 ? p.db_acc : p.db_acc.select(0, head);
-      db.add_(rc.g.sum(0, /*keepdim=*/false, acc));
+      db.add_(g.sum(0, /*keepdim=*/false, acc));
     }
   }
 }

@@ -16,7 +16,7 @@ enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 // One chunk of rows for a device's row kernel, as tensors (the device turns them into RowChunk).
 struct RowChunkTensors {
   at::Tensor z;        // [c, V] input dtype, contiguous rows: the logits
-  at::Tensor g;        // z itself when the gradient is wanted (written over z), else undefined
+  bool write_grad = false;  // pass B: write the gradient over z
   at::Tensor bias;     // [V] acc dtype or undefined
   at::Tensor targets;  // [c] int64
   at::Tensor scales;   // [c] acc dtype, with g

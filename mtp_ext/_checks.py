@@ -105,6 +105,18 @@ def _check_weight(hidden, weight, bias, n, allow_per_head):
             raise ValueError(f"bias must have shape {want}, got {tuple(bias.shape)}")
 
 
+def shift_labels(labels: torch.Tensor, n: int, ignore_index: int) -> torch.Tensor:
+    """[n, ..., T] targets from token ids [..., T]: head k at position t gets labels[..., t+k+1],
+    ignore_index where that is past the end."""
+    T = labels.shape[-1]
+    heads = []
+    for k in range(n):
+        s = min(k + 1, T)
+        pad = labels.new_full(labels.shape[:-1] + (s,), ignore_index)
+        heads.append(torch.cat([labels[..., s:], pad], dim=-1))
+    return torch.stack(heads)
+
+
 def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int, name="targets"):
     """IndexError naming the first target outside [0, V) that is not ignore_index."""
     if targets.device.type != "cpu" or torch.compiler.is_compiling():
@@ -173,14 +185,7 @@ def prepare_mtp(hidden, weight, labels, bias, head_weights, ignore_index, label_
             raise ValueError(f"labels shape {tuple(labels.shape)} must be hidden's [..., T] = "
                              f"{lead} when shift=True")
         check_target_range(labels, weight.shape[-2], ignore_index, "labels")
-        T = lead[-1]
-        labels = labels.long()
-        heads = []
-        for k in range(n):
-            s = min(k + 1, T)
-            pad = labels.new_full(lead[:-1] + (s,), ignore_index)
-            heads.append(torch.cat([labels[..., s:], pad], dim=-1))
-        targets = torch.stack(heads)
+        targets = shift_labels(labels.long(), n, ignore_index)
     else:
         if tuple(labels.shape) != (n,) + lead:
             raise ValueError(f"labels shape {tuple(labels.shape)} must be [n, ..., T] = "

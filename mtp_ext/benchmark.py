@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import mtp_ext
 from mtp_ext import reference
+from mtp_ext._checks import shift_labels
 
 PATHS = ("fused", "reference", "compiled", "torch_chunked", "gemm_floor")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,14 +57,6 @@ def make_inputs(case: Case, seed: int = 0):
     return h, w, labels
 
 
-def _shifted(labels, n):
-    T = labels.shape[-1]
-    out = labels.new_full((n,) + labels.shape, -100)
-    for k in range(n):
-        out[k, ..., : max(T - k - 1, 0)] = labels[..., k + 1:]
-    return out
-
-
 def make_step(path: str, case: Case) -> Callable[[], None]:
     """A closure running one step of `path` on fresh leaves of the case's inputs."""
     h0, w0, labels = make_inputs(case)
@@ -88,7 +81,7 @@ def make_step(path: str, case: Case) -> Callable[[], None]:
         compiled = torch.compile(lambda h, w: reference.mtp_loss(h, w, labels).loss, dynamic=False)
         loss_fn = compiled
     elif path == "torch_chunked":
-        targets = _shifted(labels, case.n).reshape(case.n, -1)
+        targets = shift_labels(labels, case.n, -100).reshape(case.n, -1)
         opts = torch.nn.LinearCrossEntropyOptions()
 
         def loss_fn(h, w):

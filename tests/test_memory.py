@@ -1,33 +1,29 @@
 """No rows x V tensor: the peak memory of a fused forward+backward stays within the workspace
 budget above its outputs, the same for 1 and 4 heads, while rows x V x 4 bytes is far above it.
-Measured as the peak RSS increase of a fresh process (tests/memory_probe.py)."""
-import json
-import os
-import subprocess
-import sys
-
+Measured by the benchmark's probe: the peak RSS rise over a warm step, in a fresh process."""
 import pytest
+
+from mtp_ext import benchmark as B
 
 MiB = 1 << 20
 BUDGET = 64 * MiB
 N, D, V = 2048, 256, 32768
-PROBE = os.path.join(os.path.dirname(__file__), "memory_probe.py")
 
 
-def probe(impl, n, dtype):
-    out = subprocess.run([sys.executable, PROBE, impl, str(n), str(N), str(D), str(V), dtype],
-                         capture_output=True, text=True, check=True, timeout=600)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def extra_over_gradients(path, n, dtype):
+    peak = B.peak_memory(path, B.Case(n=n, N=N, D=D, V=V, dtype=dtype))
+    assert peak is not None, "the memory probe failed (see stderr)"
+    elt = 4 if dtype == "fp32" else 2
+    grads = (n * N * D + V * D) * elt
+    return peak - grads
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_fused_peak_memory_is_flat_and_within_budget(dtype):
     extra = {}
     for n in (1, 4):
-        r = probe("fused", n, dtype)
         # outputs: the gradients, and for 16-bit inputs the fp32 accumulator of dW (design.md)
-        outputs = r["grads"] + (V * D * 4 if dtype == "bfloat16" else 0)
-        extra[n] = r["increase"] - outputs
+        extra[n] = extra_over_gradients("fused", n, dtype) - (V * D * 4 if dtype == "bf16" else 0)
         logits_bytes = n * N * V * 4
         assert logits_bytes >= 4 * BUDGET
         assert extra[n] <= 1.1 * BUDGET + 8 * MiB, (n, extra[n] / MiB)
@@ -36,5 +32,4 @@ def test_fused_peak_memory_is_flat_and_within_budget(dtype):
 
 def test_reference_path_is_caught_materializing_logits():
     """The probe detects a rows x V allocation: the reference path must exceed it."""
-    r = probe("reference", 1, "float32")
-    assert r["increase"] - r["grads"] >= N * V * 4
+    assert extra_over_gradients("reference", 1, "fp32") >= N * V * 4

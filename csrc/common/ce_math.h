@@ -6,6 +6,7 @@
 // + - * and the functions of Math<T>, which each device provides for its own vector types.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -21,6 +22,7 @@ struct Math<float> {
   static MTP_HD float exp(float x) { return ::expf(x); }
   static MTP_HD float log(float x) { return ::logf(x); }
   static MTP_HD float tanh(float x) { return ::tanhf(x); }
+  static MTP_HD float lowest() { return -FLT_MAX; }
 };
 
 template <>
@@ -28,6 +30,7 @@ struct Math<double> {
   static MTP_HD double exp(double x) { return ::exp(x); }
   static MTP_HD double log(double x) { return ::log(x); }
   static MTP_HD double tanh(double x) { return ::tanh(x); }
+  static MTP_HD double lowest() { return -DBL_MAX; }
 };
 
 // Options of the loss, fixed for one call.
@@ -86,6 +89,13 @@ MTP_HD GradCoef<A> grad_coef(A lse, A scale, const LossOptions& o) {
   const A eps = A(o.label_smoothing);
   const A lam = A(o.z_loss);
   return {lse, scale * (A(1) + A(2) * lam * lse), scale * eps / A(o.vocab), scale * (A(1) - eps)};
+}
+
+// A row's running max starts at the lowest finite value, not -inf: a -inf logit (a masked
+// token) then adds exp(-inf - max) = 0 even before the first finite one.
+template <class A>
+MTP_HD A row_max_start() {
+  return Math<A>::lowest();
 }
 
 // Merges the sum of exponentials of a block into a row's running (max, sum):

@@ -46,8 +46,6 @@ int as_int(int64_t v) {
 
 }  // namespace
 
-bool mixed_gemm_available(at::ScalarType t) { return mixed_gemm(t) != nullptr; }
-
 void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) {
   at::mm_out(const_cast<at::Tensor&>(z), x, w.t());
 }

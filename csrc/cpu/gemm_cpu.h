@@ -14,8 +14,5 @@ void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z);
 void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx);
 // dw_acc[V, D] (fp32/fp64) += g[c, V]^T x[c, D]
 void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw_acc);
-// Whether the mixed-precision MKL GEMM is in use (false where it is missing, or where the
-// environment variable MTP_EXT_DISABLE_MIXED_GEMM=1 turns it off, as the tests do).
-bool mixed_gemm_available(at::ScalarType t);
 
 }  // namespace mtp::cpu

@@ -221,7 +221,7 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
   constexpr bool kSameType = std::is_same_v<A, S>;
   const bool store_exp = kSameType && p.write_grad && !(cap > 0);
   alignas(64) A buf[kBlock];
-  A m = -std::numeric_limits<A>::infinity(), se = 0, sz = 0;
+  A m = row_max_start<A>(), se = 0, sz = 0;
   int64_t arg = -1;
   const bool want_sum = o.label_smoothing != 0;
   for (int64_t j0 = 0, blk = 0; j0 < V; j0 += kBlock, ++blk) {
@@ -234,14 +234,12 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
     const A bm = block_max(v, b);
     if (bm > m) arg = j0 + first_index_of(v, b, bm);
     merge_block_max(m, se, bm);
-    // while every logit so far is -inf (masked tokens), exponentials are taken against 0
-    const A mref = m == -std::numeric_limits<A>::infinity() ? A(0) : m;
     if (store_exp) {
-      if (want_sum) sz += block_sums(v, b, mref, true).second;
-      se += block_exp_store(v, same_type_or_null<A>(z) + j0, b, mref);
-      block_max_seen[blk] = mref;
+      if (want_sum) sz += block_sums(v, b, m, true).second;
+      se += block_exp_store(v, same_type_or_null<A>(z) + j0, b, m);
+      block_max_seen[blk] = m;
     } else {
-      const auto [bse, bsz] = block_sums(v, b, mref, want_sum);
+      const auto [bse, bsz] = block_sums(v, b, m, want_sum);
       se += bse;
       sz += bsz;
     }
@@ -270,9 +268,7 @@ void rows_typed(const RowChunkTensors& c) {
   p.rows = c.z.size(0);
   p.ld_z = c.z.stride(0);
   p.z = c.z.data_ptr<S>();
-  p.write_grad = c.g.defined();
-  TORCH_CHECK(!p.write_grad || c.g.data_ptr() == c.z.data_ptr(),
-              "mtp_ext: the CPU row kernel writes the gradient over the logits");
+  p.write_grad = c.write_grad;
   p.bias = ptr_or_null<A>(c.bias);
   p.targets = c.targets.data_ptr<int64_t>();
   p.scales = ptr_or_null<A>(c.scales);

@@ -25,9 +25,7 @@ void rows_typed(const RowChunkTensors& c, int* bad_target) {
   p.rows = c.z.size(0);
   p.ld_z = c.z.stride(0);
   p.z = static_cast<S*>(c.z.data_ptr());
-  p.write_grad = c.g.defined();
-  TORCH_CHECK(!p.write_grad || c.g.data_ptr() == c.z.data_ptr(),
-              "mtp_ext: the CUDA row kernel writes the gradient over the logits");
+  p.write_grad = c.write_grad;
   p.bias = ptr_or_null<const A>(c.bias);
   p.targets = c.targets.data_ptr<int64_t>();
   p.scales = ptr_or_null<const A>(c.scales);

@@ -5,7 +5,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -47,15 +46,6 @@ struct Running {
   A max, sum_exp, sum_z;
   int64_t arg;
 };
-
-// The running max starts at the lowest finite value, so that a -inf logit (a masked token) adds
-// exp(-inf - max) = 0 even before any finite one.
-template <class A>
-__device__ __forceinline__ A lowest();
-template <>
-__device__ __forceinline__ float lowest<float>() { return -FLT_MAX; }
-template <>
-__device__ __forceinline__ double lowest<double>() { return -DBL_MAX; }
 
 template <class A>
 __device__ __forceinline__ void push(Running<A>& r, A x, int64_t j) {
@@ -162,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowChunk<A, S> p, int64_
   if (p.lse_in) {
     if (threadIdx.x == 0) row_lse = p.lse_in[r];
   } else {
-    Running<A> run{lowest<A>(), A(0), A(0), -1};
+    Running<A> run{row_max_start<A>(), A(0), A(0), -1};
     for_each<kVec, false>(z, V, [&](S& v, int64_t j) { push(run, tf(to_acc(v), j), j); });
     run = block_merge(run);
     if (threadIdx.x == 0) {
