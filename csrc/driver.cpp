@@ -23,6 +23,7 @@ struct Pass {
   at::Tensor scales;   // [R] acc dtype: gradients wanted
   at::Tensor lse_in;   // [R]: backward recompute
   at::Tensor loss, lse, correct;  // [R] forward outputs
+  at::Tensor stats, argmax;       // [R, 4], [R]: statistics mode
   at::Tensor dx;                  // [R, D] input dtype
   at::Tensor dw_acc, db_acc;      // acc dtype, shaped as weight / bias
   int64_t rows_per_head = 0;      // N
@@ -62,6 +63,8 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     rc.loss = rows(p.loss);
     rc.lse = rows(p.lse);
     rc.correct = rows(p.correct);
+    rc.stats = rows(p.stats);
+    rc.argmax = rows(p.argmax);
     rc.opt = p.opt;
     rc.row_offset = start;
     rc.write_grad = grad;
@@ -81,7 +84,8 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
 Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
                const std::optional<at::Tensor>& bias, const at::Tensor& targets,
                int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
-               int64_t chunk_rows, std::array<bool, 3> grad_mask, bool want_grad) {
+               int64_t chunk_rows, std::array<bool, 3> grad_mask, bool want_grad,
+               int64_t vocab_start = 0, int64_t vocab_total = 0) {
   TORCH_CHECK(hidden.dim() == 3, "mtp_ext: hidden must be [n, N, D], got ", hidden.sizes());
   TORCH_CHECK(weight.dim() == 2 || weight.dim() == 3, "mtp_ext: weight must be [V, D] or [n, V, D]");
   const int64_t n = hidden.size(0), N = hidden.size(1), D = hidden.size(2);
@@ -98,6 +102,11 @@ Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
   p.opt.label_smoothing = label_smoothing;
   p.opt.z_loss = z_loss;
   p.opt.softcap = softcap;
+  TORCH_CHECK(vocab_total == 0 || (vocab_start >= 0 && vocab_start + p.opt.vocab <= vocab_total),
+              "mtp_ext: vocabulary shard [", vocab_start, ", ", vocab_start + p.opt.vocab,
+              ") is not inside [0, ", vocab_total, ")");
+  p.opt.vocab_start = vocab_start;
+  p.opt.vocab_total = vocab_total;
   if (want_grad) {
     if (grad_mask[0]) p.dx = at::empty_like(p.x);
     if (grad_mask[1]) p.dw_acc = at::zeros(weight.sizes(), weight.options().dtype(acc));
@@ -175,15 +184,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const DeviceKernels& dev, const at::Tensor& grad_rows, const at::Tensor& hidden,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
     const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
-    double softcap, int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+    double softcap, int64_t chunk_rows, std::array<bool, 3> grad_mask, int64_t vocab_start,
+    int64_t vocab_total) {
   Pass p = make_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
-                     chunk_rows, grad_mask, /*want_grad=*/true);
+                     chunk_rows, grad_mask, /*want_grad=*/true, vocab_start, vocab_total);
   const auto acc = acc_type_of(hidden.scalar_type());
   const int64_t R = p.x.size(0);
   p.scales = grad_rows.to(acc).contiguous().view({R});
   p.lse_in = lse.to(acc).contiguous().view({R});
   run_chunks(dev, p);
   return gradients_out(p, hidden, weight, bias);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_stats(
+    const DeviceKernels& dev, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, int64_t ignore_index,
+    double softcap, int64_t vocab_start, int64_t vocab_total, int64_t chunk_rows) {
+  TORCH_CHECK(vocab_total > 0, "mtp_ext: vocab_total must be > 0, got ", vocab_total);
+  Pass p = make_pass(hidden, weight, bias, targets, ignore_index, /*label_smoothing=*/0,
+                     /*z_loss=*/0, softcap, chunk_rows, {false, false, false},
+                     /*want_grad=*/false, vocab_start, vocab_total);
+  const int64_t n = hidden.size(0), N = hidden.size(1);
+  dev.check_targets(p.targets, vocab_total, ignore_index);
+  p.stats = at::empty({n * N, 4}, hidden.options().dtype(acc_type_of(hidden.scalar_type())));
+  p.argmax = at::empty({n * N}, hidden.options().dtype(at::kLong));
+  run_chunks(dev, p);
+  dev.finish();
+  return {p.stats.view({n, N, 4}), p.argmax.view({n, N})};
 }
 
 }  // namespace mtp

@@ -22,6 +22,7 @@ struct RowChunkTensors {
   at::Tensor scales;   // [c] acc dtype, with g
   at::Tensor lse_in;   // [c] acc dtype: given lse (backward), or undefined (forward)
   at::Tensor loss, lse, correct;  // [c] acc dtype outputs of the forward
+  at::Tensor stats, argmax;       // statistics mode: [c, 4] acc dtype and [c] int64 (row_chunk.h)
   int64_t row_offset = 0;         // flattened index of the chunk's first row
   LossOptions opt;
 };
@@ -51,11 +52,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& head_weights, int64_t ignore_index, double label_smoothing, double z_loss,
     double softcap, int64_t reduction, int64_t chunk_rows, std::array<bool, 3> grad_mask);
 
+// vocab_start, vocab_total: weight holds rows [vocab_start, vocab_start + V) of a vocabulary
+// of vocab_total (vocab-parallel; 0, 0 when not sharded); lse is then the global one.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const DeviceKernels& dev, const at::Tensor& grad_rows, const at::Tensor& hidden,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
     const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
-    double softcap, int64_t chunk_rows, std::array<bool, 3> grad_mask);
+    double softcap, int64_t chunk_rows, std::array<bool, 3> grad_mask, int64_t vocab_start,
+    int64_t vocab_total);
+
+// Vocab-parallel forward on one shard: per row (max, sum of exp(z - max), sum of z, z_target)
+// as [n, N, 4] in the accumulation dtype and the argmax as a global id [n, N] int64.
+std::tuple<at::Tensor, at::Tensor> fused_stats(
+    const DeviceKernels& dev, const at::Tensor& hidden, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& targets, int64_t ignore_index,
+    double softcap, int64_t vocab_start, int64_t vocab_total, int64_t chunk_rows);
 
 // Rows per chunk: chunk_rows if > 0, else as many as fit the workspace budget (64 MiB).
 int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows);

@@ -5,9 +5,10 @@
     out.loss.backward()
 """
 from . import ops  # noqa: F401  (registers the ops, fake kernels and autograd)
-from . import reference
+from . import reference, vocab_parallel
 from .loss import MTPLoss, linear_cross_entropy, mtp_loss
 from .outputs import MTPLossOutput
 
-__all__ = ["linear_cross_entropy", "mtp_loss", "MTPLoss", "MTPLossOutput", "reference"]
+__all__ = ["linear_cross_entropy", "mtp_loss", "MTPLoss", "MTPLossOutput", "reference",
+           "vocab_parallel"]
 __version__ = "0.1.0"

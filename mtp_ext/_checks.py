@@ -129,7 +129,9 @@ def check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int, nam
 
 
 def prepare_single(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
-                   softcap, reduction, chunk_size) -> Prepared:
+                   softcap, reduction, chunk_size, vocab=None) -> Prepared:
+    """vocab: the vocabulary size targets are checked against (default: weight's rows; the
+    global size for a vocab-parallel weight shard)."""
     ls, zl, cap = _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction,
                                  chunk_size)
     _check_tensor("hidden", hidden)
@@ -144,7 +146,7 @@ def prepare_single(hidden, weight, targets, bias, ignore_index, label_smoothing,
                          f"shape {tuple(hidden.shape[:-1])}")
     if targets.device != hidden.device:
         raise ValueError(f"targets must be on hidden's device {hidden.device}, got {targets.device}")
-    check_target_range(targets, weight.shape[0], ignore_index, "targets")
+    check_target_range(targets, vocab or weight.shape[0], ignore_index, "targets")
     D = hidden.shape[-1]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return Prepared(hidden.reshape(1, -1, D), weight, bias, targets.reshape(1, -1).long(),
@@ -153,7 +155,8 @@ def prepare_single(hidden, weight, targets, bias, ignore_index, label_smoothing,
 
 
 def prepare_mtp(hidden, weight, labels, bias, head_weights, ignore_index, label_smoothing, z_loss,
-                softcap, reduction, shift, chunk_size) -> Prepared:
+                softcap, reduction, shift, chunk_size, vocab=None) -> Prepared:
+    """vocab: as for prepare_single."""
     ls, zl, cap = _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction,
                                  chunk_size)
     if isinstance(hidden, (list, tuple)):
@@ -184,13 +187,13 @@ def prepare_mtp(hidden, weight, labels, bias, head_weights, ignore_index, label_
         if tuple(labels.shape) != lead:
             raise ValueError(f"labels shape {tuple(labels.shape)} must be hidden's [..., T] = "
                              f"{lead} when shift=True")
-        check_target_range(labels, weight.shape[-2], ignore_index, "labels")
+        check_target_range(labels, vocab or weight.shape[-2], ignore_index, "labels")
         targets = shift_labels(labels.long(), n, ignore_index)
     else:
         if tuple(labels.shape) != (n,) + lead:
             raise ValueError(f"labels shape {tuple(labels.shape)} must be [n, ..., T] = "
                              f"{(n,) + lead} when shift=False")
-        check_target_range(labels, weight.shape[-2], ignore_index, "labels")
+        check_target_range(labels, vocab or weight.shape[-2], ignore_index, "labels")
         targets = labels.long()
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if head_weights is None:

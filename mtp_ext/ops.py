@@ -44,12 +44,21 @@ def _fused_ce_fake(hidden, weight, bias, targets, head_weights, ignore_index, la
 
 @torch.library.register_fake("mtp_ext::fused_ce_backward")
 def _fused_ce_backward_fake(grad_rows, hidden, weight, bias, targets, lse, ignore_index,
-                            label_smoothing, z_loss, softcap, chunk_rows, grad_mask):
+                            label_smoothing, z_loss, softcap, chunk_rows, grad_mask,
+                            vocab_start=0, vocab_total=0):
     dh = hidden.new_empty(hidden.shape) if grad_mask[0] else hidden.new_empty((0,))
     dw = weight.new_empty(weight.shape) if grad_mask[1] else hidden.new_empty((0,))
     db = (bias.new_empty(bias.shape) if grad_mask[2] and bias is not None
           else hidden.new_empty((0,)))
     return dh, dw, db
+
+
+@torch.library.register_fake("mtp_ext::fused_ce_stats")
+def _fused_ce_stats_fake(hidden, weight, bias, targets, ignore_index, softcap, vocab_start,
+                         vocab_total, chunk_rows):
+    n, N, _ = hidden.shape
+    return (hidden.new_empty((n, N, 4), dtype=_acc_dtype(hidden)),
+            hidden.new_empty((n, N), dtype=torch.int64))
 
 
 def _is_eager(t: torch.Tensor) -> bool:

@@ -35,11 +35,22 @@ struct Math<double> {
 
 // Options of the loss, fixed for one call.
 struct LossOptions {
-  int64_t vocab = 0;            // V
+  int64_t vocab = 0;            // V: the logits of a row (this shard's, when vocab-parallel)
   int64_t ignore_index = -100;  // rows with this target have no loss and no gradient
   double label_smoothing = 0;   // eps
   double z_loss = 0;            // lam
   double softcap = 0;           // c; 0 = off
+  // Vocab-parallel: the row's logits are columns [vocab_start, vocab_start + vocab) of a
+  // vocabulary of vocab_total (0: not sharded, vocab_total = vocab). Targets are global ids.
+  int64_t vocab_start = 0;
+  int64_t vocab_total = 0;
+
+  MTP_HD int64_t total_vocab() const { return vocab_total > 0 ? vocab_total : vocab; }
+  // The target's column in this shard, or -1 when the target lies in another shard.
+  MTP_HD int64_t local_target(int64_t y) const {
+    const int64_t j = y - vocab_start;
+    return j >= 0 && j < vocab ? j : -1;
+  }
 };
 
 // z = c * tanh(x / c): applied to each logit (after the bias) when softcap is on.
@@ -56,7 +67,8 @@ MTP_HD T softcap_derivative(T z, A inv_cap) {
 }
 
 // Loss of a row from its statistics (pass A). max_z, sum_exp = sum_j exp(z_j - max_z),
-// sum_z = sum_j z_j (used by label smoothing only), z_target = z_y.
+// sum_z = sum_j z_j (used by label smoothing only), z_target = z_y. Vocab-parallel, these are
+// the statistics combined over the shards (mtp_ext/vocab_parallel.py does the same sums).
 template <class A>
 struct RowLoss {
   A loss;
@@ -69,7 +81,7 @@ MTP_HD RowLoss<A> row_loss(A max_z, A sum_exp, A sum_z, A z_target, const LossOp
   const A lam = A(o.z_loss);
   const A lse = max_z + Math<A>::log(sum_exp);
   A loss = (A(1) - eps) * (lse - z_target) + lam * lse * lse;
-  if (eps != A(0)) loss += eps * (lse - sum_z / A(o.vocab));
+  if (eps != A(0)) loss += eps * (lse - sum_z / A(o.total_vocab()));
   return {loss, lse};
 }
 
@@ -88,7 +100,8 @@ template <class A>
 MTP_HD GradCoef<A> grad_coef(A lse, A scale, const LossOptions& o) {
   const A eps = A(o.label_smoothing);
   const A lam = A(o.z_loss);
-  return {lse, scale * (A(1) + A(2) * lam * lse), scale * eps / A(o.vocab), scale * (A(1) - eps)};
+  return {lse, scale * (A(1) + A(2) * lam * lse), scale * eps / A(o.total_vocab()),
+          scale * (A(1) - eps)};
 }
 
 // A row's running max starts at the lowest finite value, not -inf: a -inf logit (a masked

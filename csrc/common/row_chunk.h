@@ -23,6 +23,11 @@ struct RowChunk {
   acc_t* loss = nullptr;          // per-row loss out (forward)
   acc_t* lse = nullptr;           // per-row lse out (forward)
   acc_t* correct = nullptr;       // per-row 1 if argmax == target (forward)
+  // Statistics mode (vocab-parallel forward): instead of loss, lse and correct, each row's
+  // (max, sum of exp(z - max), sum of z, z of the target or 0 when another shard holds it) and
+  // its argmax as a global vocabulary id (-1 for ignored rows).
+  acc_t* stats = nullptr;     // [rows, 4]
+  int64_t* argmax = nullptr;  // [rows]
   LossOptions opt;
 };
 

@@ -47,9 +47,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ce_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
-    int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+    int64_t chunk_rows, std::array<bool, 3> grad_mask, int64_t vocab_start, int64_t vocab_total) {
   return fused_backward(CpuKernels(), grad_rows, hidden, weight, bias, targets, lse, ignore_index,
-                        label_smoothing, z_loss, softcap, chunk_rows, grad_mask);
+                        label_smoothing, z_loss, softcap, chunk_rows, grad_mask, vocab_start,
+                        vocab_total);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_ce_stats_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, int64_t ignore_index, double softcap, int64_t vocab_start,
+    int64_t vocab_total, int64_t chunk_rows) {
+  return fused_stats(CpuKernels(), hidden, weight, bias, targets, ignore_index, softcap, vocab_start,
+                     vocab_total, chunk_rows);
 }
 
 }  // namespace
@@ -57,6 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ce_backward_cpu(
 TORCH_LIBRARY_IMPL(mtp_ext, CPU, m) {
   m.impl("fused_ce", &fused_ce_cpu);
   m.impl("fused_ce_backward", &fused_ce_backward_cpu);
+  m.impl("fused_ce_stats", &fused_ce_stats_cpu);
 }
 
 }  // namespace mtp::cpu

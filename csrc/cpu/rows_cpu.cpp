@@ -202,15 +202,20 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
   const LossOptions& o = p.opt;
   const int64_t V = o.vocab;
   S* z = p.z + r * p.ld_z;
-  const int64_t y = p.targets[r];
-  if (y == o.ignore_index) {
-    if (!p.lse_in) p.loss[r] = p.lse[r] = p.correct[r] = A(0);
+  if (p.targets[r] == o.ignore_index) {
+    if (p.stats) {
+      std::fill(p.stats + 4 * r, p.stats + 4 * r + 4, A(0));
+      p.argmax[r] = -1;
+    } else if (!p.lse_in) {
+      p.loss[r] = p.lse[r] = p.correct[r] = A(0);
+    }
     if (p.write_grad) std::fill(z, z + V, S(0));
     return;
   }
+  const int64_t y = o.local_target(p.targets[r]);  // -1: in another vocabulary shard
   const A cap = A(o.softcap);
   const Block<A> tf{p.bias, cap, cap > 0 ? A(1) / cap : A(0)};
-  const A z_y = tf.scalar(A(z[y]), y);
+  const A z_y = y >= 0 ? tf.scalar(A(z[y]), y) : A(0);
   if (p.lse_in) {
     row_gradient(z, V, y, z_y, grad_coef(p.lse_in[r], p.scales[r], o), tf);
     return;
@@ -223,7 +228,7 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
   alignas(64) A buf[kBlock];
   A m = row_max_start<A>(), se = 0, sz = 0;
   int64_t arg = -1;
-  const bool want_sum = o.label_smoothing != 0;
+  const bool want_sum = o.label_smoothing != 0 || p.stats;
   for (int64_t j0 = 0, blk = 0; j0 < V; j0 += kBlock, ++blk) {
     const int64_t b = std::min(kBlock, V - j0);
     // the row streams in from memory: ask for the block after next while this one is reduced
@@ -244,10 +249,19 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
       sz += bsz;
     }
   }
+  if (p.stats) {
+    A* st = p.stats + 4 * r;
+    st[0] = m;
+    st[1] = se;
+    st[2] = sz;
+    st[3] = z_y;
+    p.argmax[r] = arg >= 0 ? arg + o.vocab_start : -1;
+    return;
+  }
   const RowLoss<A> rl = row_loss(m, se, sz, z_y, o);
   p.loss[r] = rl.loss;
   p.lse[r] = rl.lse;
-  p.correct[r] = arg == y ? A(1) : A(0);
+  p.correct[r] = y >= 0 && arg == y ? A(1) : A(0);
   if (!p.write_grad) return;
   const GradCoef<A> k = grad_coef(rl.lse, p.scales[r], o);
   if (store_exp) {
@@ -276,6 +290,8 @@ void rows_typed(const RowChunkTensors& c) {
   p.loss = ptr_or_null<A>(c.loss);
   p.lse = ptr_or_null<A>(c.lse);
   p.correct = ptr_or_null<A>(c.correct);
+  p.stats = ptr_or_null<A>(c.stats);
+  p.argmax = ptr_or_null<int64_t>(c.argmax);
   p.opt = c.opt;
   const int64_t blocks = (p.opt.vocab + kBlock - 1) / kBlock;
   at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {

@@ -33,6 +33,8 @@ void rows_typed(const RowChunkTensors& c, int* bad_target) {
   p.loss = ptr_or_null<A>(c.loss);
   p.lse = ptr_or_null<A>(c.lse);
   p.correct = ptr_or_null<A>(c.correct);
+  p.stats = ptr_or_null<A>(c.stats);
+  p.argmax = ptr_or_null<int64_t>(c.argmax);
   p.opt = c.opt;
   const cudaError_t err =
       launch_rows<A, S>(p, c.row_offset, bad_target, at::cuda::getCurrentCUDAStream());
@@ -74,7 +76,7 @@ class CudaKernels final : public DeviceKernels {
   void finish() const override {
     const int bad = bad_target_.item<int>();  // the op's one host synchronisation
     TORCH_CHECK_INDEX(bad == 0, "mtp_ext: the target at flattened row ", bad - 1,
-                      " is outside [0, V) and is not ignore_index");
+                      " is outside the vocabulary and is not ignore_index");
   }
 
  private:
@@ -96,10 +98,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ce_backward_cuda(
     const at::Tensor& grad_rows, const at::Tensor& hidden, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, const at::Tensor& lse,
     int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
-    int64_t chunk_rows, std::array<bool, 3> grad_mask) {
+    int64_t chunk_rows, std::array<bool, 3> grad_mask, int64_t vocab_start, int64_t vocab_total) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   return fused_backward(CudaKernels(hidden), grad_rows, hidden, weight, bias, targets, lse,
-                        ignore_index, label_smoothing, z_loss, softcap, chunk_rows, grad_mask);
+                        ignore_index, label_smoothing, z_loss, softcap, chunk_rows, grad_mask, vocab_start,
+                        vocab_total);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_ce_stats_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, int64_t ignore_index, double softcap, int64_t vocab_start,
+    int64_t vocab_total, int64_t chunk_rows) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return fused_stats(CudaKernels(hidden), hidden, weight, bias, targets, ignore_index, softcap, vocab_start,
+                     vocab_total, chunk_rows);
 }
 
 }  // namespace
@@ -107,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_ce_backward_cuda(
 TORCH_LIBRARY_IMPL(mtp_ext, CUDA, m) {
   m.impl("fused_ce", &fused_ce_cuda);
   m.impl("fused_ce_backward", &fused_ce_backward_cuda);
+  m.impl("fused_ce_stats", &fused_ce_stats_cuda);
 }
 
 }  // namespace mtp::cuda

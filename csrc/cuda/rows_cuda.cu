@@ -128,18 +128,25 @@ __device__ __forceinline__ void for_each(S* z, int64_t V, F&& f) {
 }
 
 template <class A, class S, bool kVec>
-__global__ void __launch_bounds__(kThreads) rows_kernel(RowChunk<A, S> p, int64_t row_offset,
+__global__ void __launch_bounds__(kThreads, 2) rows_kernel(RowChunk<A, S> p, int64_t row_offset,
                                                         int* bad_target) {
   const int64_t r = blockIdx.x;
   const LossOptions& o = p.opt;
   const int64_t V = o.vocab;
   S* z = p.z + r * p.ld_z;
-  const int64_t y = p.targets[r];
-  const bool ignored = y == o.ignore_index;
-  const bool bad = !ignored && (y < 0 || y >= V);
+  const int64_t y_global = p.targets[r];
+  const bool ignored = y_global == o.ignore_index;
+  const bool bad = !ignored && (y_global < 0 || y_global >= o.total_vocab());
   if (bad && threadIdx.x == 0) atomicCAS(bad_target, 0, int(row_offset + r + 1));
   if (ignored || bad) {
-    if (threadIdx.x == 0 && !p.lse_in) p.loss[r] = p.lse[r] = p.correct[r] = A(0);
+    if (threadIdx.x == 0) {
+      if (p.stats) {
+        for (int i = 0; i < 4; ++i) p.stats[4 * r + i] = A(0);
+        p.argmax[r] = -1;
+      } else if (!p.lse_in) {
+        p.loss[r] = p.lse[r] = p.correct[r] = A(0);
+      }
+    }
     if (p.write_grad) {
       for_each<kVec, true>(z, V, [](S& v, int64_t) { v = from_acc<S>(A(0)); });
     }
@@ -148,18 +155,26 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(RowChunk<A, S> p, int64_
   const A cap = A(o.softcap);
   const Transform<A> tf{p.bias, cap, cap > A(0) ? A(1) / cap : A(0)};
   __shared__ A row_lse;
-  const A z_y = tf(to_acc(z[y]), y);
+  const int64_t y = o.local_target(y_global);  // -1: in another vocabulary shard
+  const A z_y = y >= 0 ? tf(to_acc(z[y]), y) : A(0);
   if (p.lse_in) {
     if (threadIdx.x == 0) row_lse = p.lse_in[r];
   } else {
     Running<A> run{row_max_start<A>(), A(0), A(0), -1};
     for_each<kVec, false>(z, V, [&](S& v, int64_t j) { push(run, tf(to_acc(v), j), j); });
     run = block_merge(run);
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == 0 && p.stats) {
+      A* st = p.stats + 4 * r;
+      st[0] = run.max;
+      st[1] = run.sum_exp;
+      st[2] = run.sum_z;
+      st[3] = z_y;
+      p.argmax[r] = run.arg >= 0 ? run.arg + o.vocab_start : -1;
+    } else if (threadIdx.x == 0) {
       const RowLoss<A> rl = row_loss(run.max, run.sum_exp, run.sum_z, z_y, o);
       p.loss[r] = rl.loss;
       p.lse[r] = rl.lse;
-      p.correct[r] = run.arg == y ? A(1) : A(0);
+      p.correct[r] = y >= 0 && run.arg == y ? A(1) : A(0);
       row_lse = rl.lse;
     }
   }
