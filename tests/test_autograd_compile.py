@@ -65,6 +65,20 @@ def test_opcheck_fused_ce_backward(dtype):
                               (grad_rows, h, w, b, t, lse, ii, ls, zl, cap, cr, mask))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_vocab_parallel_ops(dtype):
+    h, w, b, t, hw, ii, ls, zl, cap, _, cr, _ = _op_args(dtype, 0, grad=False)
+    V = w.shape[-2]
+    lo, hi = 2, V - 3  # the middle of the vocabulary as one shard
+    ws, bs = w[..., lo:hi, :].contiguous(), b[..., lo:hi].contiguous()
+    torch.library.opcheck(torch.ops.mtp_ext.fused_ce_stats.default,
+                          (h, ws, bs, t, ii, cap, lo, V, cr))
+    _, lse, *_ = torch.ops.mtp_ext.fused_ce(h, w, b, t, hw, ii, ls, zl, cap, 0, cr, [False] * 3)
+    grad_rows = torch.rand(t.shape, dtype=lse.dtype)
+    torch.library.opcheck(torch.ops.mtp_ext.fused_ce_backward.default,
+                          (grad_rows, h, ws, bs, t, lse, ii, ls, zl, cap, cr, [True] * 3, lo, V))
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_torch_compile_fullgraph(reduction):
     torch._dynamo.reset()

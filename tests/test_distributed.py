@@ -10,6 +10,8 @@ import dist_workers
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
 
+from conftest import IGNORE, make_inputs, rel_err
+
 F32, F64 = torch.float32, torch.float64
 CASES = [
     dict(seed=1, n=1, V=64, dtype=F64, per_head=False, bias=False, uneven=False, opts={}),
@@ -30,3 +32,30 @@ def test_vocab_parallel_matches_single_process():
 
 def test_vocab_parallel_errors_raise_on_every_rank():
     run_ranks(dist_workers.vocab_parallel_errors)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16])
+@pytest.mark.parametrize("lo,hi", [(0, 40), (40, 97), (13, 14)])
+def test_shard_statistics_op(dtype, lo, hi):
+    """One process: the per-row statistics of a shard against float64 torch on that slice."""
+    N, D, V, cap = 50, 24, 97, 3.0
+    h, w, b, y = make_inputs(N, D, V, dtype, seed=lo + hi, bias=True)
+    stats, argmax = torch.ops.mtp_ext.fused_ce_stats(
+        h[None], w[lo:hi], b[lo:hi], y[None], IGNORE, cap, lo, V, 0)
+    z = h.double() @ w[lo:hi].double().T + b[lo:hi].double()
+    if dtype == torch.bfloat16:  # the workspace holds the logits rounded to the input dtype
+        z = (h @ w[lo:hi].T).double() + b[lo:hi].double()
+    z = cap * torch.tanh(z / cap)
+    m = z.max(-1).values
+    valid = y != IGNORE
+    own = valid & (y >= lo) & (y < hi)
+    z_y = torch.where(own, z.gather(1, (y - lo).clamp(0, hi - lo - 1)[:, None])[:, 0], 0.0)
+    want = torch.stack([m, torch.exp(z - m[:, None]).sum(-1), z.sum(-1), z_y], -1)
+    want[~valid] = 0
+    tol = 1e-5 if dtype != torch.float64 else 1e-12
+    assert rel_err(stats[0], want) < tol
+    assert torch.equal(argmax[0][valid], z.argmax(-1)[valid] + lo)
+    assert bool((argmax[0][~valid] == -1).all())
+    with pytest.raises(IndexError, match="outside"):  # checked against the global vocabulary
+        torch.ops.mtp_ext.fused_ce_stats(h[None], w[lo:hi], b[lo:hi], torch.full((1, N), V),
+                                         IGNORE, cap, lo, V, 0)
