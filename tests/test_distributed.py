@@ -59,3 +59,8 @@ def test_shard_statistics_op(dtype, lo, hi):
     with pytest.raises(IndexError, match="outside"):  # checked against the global vocabulary
         torch.ops.mtp_ext.fused_ce_stats(h[None], w[lo:hi], b[lo:hi], torch.full((1, N), V),
                                          IGNORE, cap, lo, V, 0)
+
+
+@pytest.mark.parametrize("mode,per_head", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_data_parallel_step_matches_single_process(mode, per_head):
+    run_ranks(dist_workers.data_parallel_matches_single_process, mode, per_head)

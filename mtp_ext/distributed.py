@@ -1,0 +1,93 @@
+"""Data-parallel training of the reference model with torch.distributed: the torchrun
+environment, DDP or FSDP (fully_shard) wrapping, and the rank's share of a global batch.
+The fused loss needs nothing special here: it is an ordinary autograd op inside the model's
+forward, so DDP's gradient all-reduce and FSDP's all-gather / reduce-scatter work around it."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_from_env() -> DistContext:
+    """Joins the process group that torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, ...):
+    gloo on the CPU, nccl when CUDA is available. One process without torchrun: no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not dist.is_initialized():
+        return DistContext()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return DistContext(dist.get_rank(), dist.get_world_size(), device)
+
+
+def shutdown(ctx: DistContext):
+    if ctx.enabled and dist.is_initialized():
+        dist.barrier()  # nobody closes its connections while another rank still reads
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, mode: str) -> nn.Module:
+    """DDP around the model, or FSDP2: fully_shard on each transformer block, then on the
+    model (embedding, norm and unembedding are sharded with the root)."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel mode must be one of {PARALLEL_MODES}, got {mode!r}")
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+    for blk in list(model.trunk) + list(model.heads):
+        fully_shard(blk)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The MTPTransformer inside a DDP wrapper (FSDP2 keeps the module itself)."""
+    return getattr(model, "module", model)
+
+
+def local_batch(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """This rank's rows of a global batch (every rank draws the same global batch)."""
+    if batch.shape[0] % ctx.world:
+        raise ValueError(f"batch size {batch.shape[0]} is not divisible by the {ctx.world} ranks")
+    return batch.chunk(ctx.world)[ctx.rank]
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole model's state on the CPU (gathered from the shards under FSDP); a collective
+    under FSDP, so every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                 cpu_offload=True))
+
+
+def mean_over_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    if not ctx.enabled:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t / ctx.world
