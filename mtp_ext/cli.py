@@ -54,8 +54,9 @@ def train(args) -> int:
     from .train import TrainArgs, train as run
     a = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs)})
     summary = run(a)
-    with open(f"{a.out}/summary.json", "w") as f:
-        json.dump(summary, f, indent=1)
+    if summary["rank"] == 0:
+        with open(f"{a.out}/summary.json", "w") as f:
+            json.dump(summary, f, indent=1)
     return 0
 
 
@@ -77,6 +78,8 @@ def _add_train(sub):
     t.add_argument("--eval-every", type=int, default=d.eval_every)
     t.add_argument("--eval-batches", type=int, default=d.eval_batches)
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--parallel", default=d.parallel, choices=["ddp", "fsdp"],
+                   help="data parallelism when started by torchrun (default: %(default)s)")
     t.add_argument("--d-model", type=int, default=d.d_model)
     t.add_argument("--layers", type=int, default=d.layers, help="trunk layers")
     t.add_argument("--attn-heads", type=int, default=d.attn_heads)

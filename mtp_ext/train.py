@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import distributed as mdist
 from .model import LOSS_IMPLS, MTPConfig, MTPTransformer
 
 CHECKPOINT = "checkpoint.pt"
@@ -89,7 +90,7 @@ def eval_batches(data: torch.Tensor, n_batches: int, batch: int, seq_len: int):
 def evaluate(model: MTPTransformer, batches, loss_impl: str = "fused"):
     """Per-head validation loss and top-1 accuracy, weighted by each head's tokens."""
     model.eval()
-    n = model.cfg.n_future
+    n = mdist.unwrap(model).cfg.n_future
     loss_sum, correct, tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     for x in batches:
         out = model(x, x, loss_impl=loss_impl, return_logits=False).loss
@@ -150,6 +151,7 @@ class TrainArgs:
     attn_heads: int = 4
     n_future: int = 4
     threads: Optional[int] = None
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
 
 
 def lr_at(step: int, a: TrainArgs) -> float:
@@ -159,11 +161,23 @@ def lr_at(step: int, a: TrainArgs) -> float:
     return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: torch.Generator):
+def _state_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: torch.Generator,
+                    ctx: mdist.DistContext = mdist.DistContext()):
+    """Whole model and optimizer state, gathered from every rank (a collective under FSDP) and
+    written by rank 0. The same format with or without torchrun: either can resume the other."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model_state, opt_state = get_state_dict(model, opt, options=_state_options())
+    if not ctx.is_main:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "config": model.cfg.to_dict(),
-                "optimizer": opt.state_dict(), "step": step, "args": vars(args),
+    torch.save({"model": model_state, "config": mdist.unwrap(model).cfg.to_dict(),
+                "optimizer": opt_state, "step": step, "args": vars(args),
                 "data_rng": gen.get_state()}, tmp)
     os.replace(tmp, path)
 
@@ -178,6 +192,11 @@ def load_model(path: str) -> Tuple[MTPTransformer, dict]:
     return model, ckpt
 
 
+def dist_backend() -> str:
+    import torch.distributed as dist
+    return dist.get_backend() if dist.is_initialized() else "none"
+
+
 def check_args(a: TrainArgs):
     for name in ("steps", "batch_size", "seq_len", "eval_batches", "d_model", "layers",
                  "attn_heads", "n_future"):
@@ -187,10 +206,25 @@ def check_args(a: TrainArgs):
         raise ValueError(f"--loss-impl must be one of {LOSS_IMPLS}, got {a.loss_impl!r}")
     if not a.lr > 0:
         raise ValueError(f"--lr must be > 0, got {a.lr}")
+    if a.parallel not in mdist.PARALLEL_MODES:
+        raise ValueError(f"--parallel must be one of {mdist.PARALLEL_MODES}, got {a.parallel!r}")
 
 
 def train(a: TrainArgs, log=print) -> dict:
+    """Trains in this process, or as one rank of a torchrun job (WORLD_SIZE > 1): every rank
+    draws the same global batch and trains on its share with DDP or FSDP; rank 0 logs and
+    writes the checkpoint."""
     check_args(a)
+    ctx = mdist.init_from_env()
+    try:
+        return _train(a, log if ctx.is_main else (lambda *_: None), ctx)
+    finally:
+        mdist.shutdown(ctx)
+
+
+def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
+    if a.batch_size % ctx.world:
+        raise ValueError(f"--batch-size {a.batch_size} must be divisible by the {ctx.world} ranks")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -203,59 +237,68 @@ def train(a: TrainArgs, log=print) -> dict:
     start = 0
     if a.resume:
         model, ckpt = load_model(str(ckpt_path))
-        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95),
-                                weight_decay=a.weight_decay)
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["data_rng"])
-        start = ckpt["step"]
-        log(f"resumed from {ckpt_path} at step {start}")
     else:
         cfg = MTPConfig(vocab_size=256, d_model=a.d_model, n_layers=a.layers,
                         n_heads=a.attn_heads, n_future=a.n_future, max_seq_len=a.seq_len)
-        model = MTPTransformer(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95),
-                                weight_decay=a.weight_decay)
-    n = model.cfg.n_future
+        model = MTPTransformer(cfg)  # the same seed on every rank: the same initial weights
+    core = model
+    if ctx.enabled:
+        model = mdist.wrap(model, a.parallel)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95),
+                            weight_decay=a.weight_decay)
+    if a.resume:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=_state_options())
+        gen.set_state(ckpt["data_rng"])
+        start = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {start}")
+    n = core.cfg.n_future
     log(f"data: {what}; {train_data.numel() / 1e6:.1f} MB train, {val_data.numel() / 1e6:.2f} MB "
         f"validation")
-    log(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {model.cfg.n_layers} trunk "
-        f"layers + {n} heads, d_model {model.cfg.d_model}; loss: {a.loss_impl}; "
-        f"{torch.get_num_threads()} threads")
+    log(f"model: {core.num_parameters() / 1e6:.2f}M parameters, {core.cfg.n_layers} trunk "
+        f"layers + {n} heads, d_model {core.cfg.d_model}; loss: {a.loss_impl}; "
+        f"{torch.get_num_threads()} threads"
+        + (f" x {ctx.world} ranks ({a.parallel}, {dist_backend()})" if ctx.enabled else ""))
     val = eval_batches(val_data, a.eval_batches, a.batch_size, a.seq_len)
     history, first_losses = [], None
-    progress = Progress(a.steps)
+    progress = Progress(a.steps) if ctx.is_main else None
     t0 = time.perf_counter()
     tokens = 0
     for step in range(start, a.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
-        x = sample_batch(train_data, a.batch_size, a.seq_len, gen)
-        out = model(x, x, loss_impl=a.loss_impl).loss
+        x = sample_batch(train_data, a.batch_size, a.seq_len, gen)  # the global batch
+        xl = mdist.local_batch(x, ctx)
+        out = model(xl, xl, loss_impl=a.loss_impl).loss
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         tokens += x.numel()
-        heads = out.head_losses.tolist()
+        heads = mdist.mean_over_ranks(out.head_losses, ctx).tolist()
+        loss_value = mdist.mean_over_ranks(out.loss, ctx).item()
         if first_losses is None:
-            first_losses = {"step": step + 1, "loss": out.loss.item(), "head_losses": heads}
+            first_losses = {"step": step + 1, "loss": loss_value, "head_losses": heads}
         rate = tokens / (time.perf_counter() - t0)
-        progress.update(step + 1, f"| {rate / 1e3:.1f}k tok/s | loss "
-                        + " ".join(f"h{k}:{v:.3f}" for k, v in enumerate(heads)))
+        if progress:
+            progress.update(step + 1, f"| {rate / 1e3:.1f}k tok/s | loss "
+                            + " ".join(f"h{k}:{v:.3f}" for k, v in enumerate(heads)))
         if (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
             vl, _ = evaluate(model, val, a.loss_impl)
             history.append({"step": step + 1, "val_losses": vl})
-    progress.close()
+    if progress:
+        progress.close()
     train_time = time.perf_counter() - t0
     val_losses, val_acc = evaluate(model, val, a.loss_impl)
     history.append({"step": a.steps, "val_losses": val_losses})
-    save_checkpoint(ckpt_path, model, opt, a.steps, a, gen)
+    save_checkpoint(ckpt_path, model, opt, a.steps, a, gen, ctx)
     summary = {
         "steps": a.steps, "tokens": tokens, "train_seconds": train_time,
         "tokens_per_second": tokens / max(train_time, 1e-9),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "first_step": first_losses, "val_losses": val_losses, "val_accuracy": val_acc,
-        "history": history, "checkpoint": str(ckpt_path),
+        "history": history, "checkpoint": str(ckpt_path), "rank": ctx.rank,
+        "world_size": ctx.world, "parallel": a.parallel if ctx.enabled else None,
     }
     log(f"done: {a.steps} steps, {tokens / 1e6:.2f}M tokens in {train_time:.0f} s "
         f"({summary['tokens_per_second'] / 1e3:.1f}k tok/s), peak RSS "

@@ -1,5 +1,10 @@
 """Two gloo ranks on the CPU: the vocab-parallel loss against the single-process fused loss,
 and the reference model under DDP and FSDP against a single-process step."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -64,3 +69,52 @@ def test_shard_statistics_op(dtype, lo, hi):
 @pytest.mark.parametrize("mode,per_head", [("ddp", False), ("fsdp", False), ("fsdp", True)])
 def test_data_parallel_step_matches_single_process(mode, per_head):
     run_ranks(dist_workers.data_parallel_matches_single_process, mode, per_head)
+
+
+def _train_cmd(out, corpus, steps, extra=()):
+    return ["train", "--steps", str(steps), "--batch-size", "4", "--seq-len", "32", "--warmup",
+            "2", "--data", str(corpus), "--eval-every", "1000", "--eval-batches", "2",
+            "--d-model", "32", "--layers", "1", "--attn-heads", "2", "--n-future", "3",
+            "--out", str(out), *extra]
+
+
+def _run(args, ranks=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", str(ranks)] if ranks else [sys.executable])
+    r = subprocess.run(launcher + ["-m", "mtp_ext"] + args, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_training_matches_single_process(mode, tmp_path):
+    """`torchrun --nproc_per_node 2 -m mtp_ext train --parallel MODE`, 4 steps then resumed to 6,
+    against one process on the same global batches: the checkpoints agree to float rounding,
+    rank 0 alone logs and writes."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    g = torch.Generator().manual_seed(0)
+    words = ["def ", "return ", "self", "(x)", ":\n    ", "import os\n", "class A:\n"]
+    for i in range(30):
+        idx = torch.randint(0, len(words), (300,), generator=g).tolist()
+        (corpus / f"f{i}.py").write_text("".join(words[j] for j in idx))
+    single, par = tmp_path / "single", tmp_path / mode
+    _run(_train_cmd(single, corpus, 4, ["--threads", "1"]))
+    _run(_train_cmd(single, corpus, 6, ["--threads", "1", "--resume"]))
+    logs = _run(_train_cmd(par, corpus, 4, ["--parallel", mode]), ranks=2)
+    assert logs.count("checkpoint:") == 1 and "x 2 ranks" in logs, logs
+    ckpt4 = torch.load(par / "checkpoint.pt", weights_only=False)
+    logs = _run(_train_cmd(par, corpus, 6, ["--parallel", mode, "--resume"]), ranks=2)
+    assert "resumed" in logs and "at step 4" in logs, logs
+    want = torch.load(single / "checkpoint.pt", weights_only=False)
+    got = torch.load(par / "checkpoint.pt", weights_only=False)
+    assert got["step"] == 6 and ckpt4["step"] == 4
+    assert got["model"].keys() == want["model"].keys()
+    for k, v in want["model"].items():
+        err = ((got["model"][k] - v).abs().max() / v.abs().max()).item()
+        assert err < 1e-4, (k, err)
+        assert not torch.equal(ckpt4["model"][k], got["model"][k]) or k.endswith("norm.weight")
+    summary = json.loads((par / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == mode
