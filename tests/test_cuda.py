@@ -91,3 +91,22 @@ def test_cuda_peak_memory_flat_in_heads():
         assert extra[n] <= 1.1 * (64 << 20) + (8 << 20), extra
         assert n * N * V * 4 >= 4 * (64 << 20)
     assert abs(extra[4] - extra[1]) <= 0.1 * (64 << 20), extra
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_vocab_shard_ops_match_cpu(dtype):
+    """fused_ce_stats and the sharded fused_ce_backward on CUDA against the CPU ops."""
+    N, D, V, lo, hi = 70, 32, 301, 100, 250
+    h, w, b, y = make_inputs(N, D, V, dtype, seed=4, bias=True)
+    args = (h[None], w[lo:hi].contiguous(), b[lo:hi].contiguous(), y[None])
+    st_cpu, am_cpu = torch.ops.mtp_ext.fused_ce_stats(*args, -100, 4.0, lo, V, 16)
+    st_gpu, am_gpu = torch.ops.mtp_ext.fused_ce_stats(*map(cuda, args), -100, 4.0, lo, V, 16)
+    assert rel_err(st_gpu.cpu(), st_cpu) <= 1e-5
+    assert torch.equal(am_gpu.cpu(), am_cpu)
+    lse = torch.rand(1, N, dtype=st_cpu.dtype) + 5.0
+    g = torch.rand(1, N, dtype=st_cpu.dtype)
+    tail = (-100, 0.1, 1e-3, 4.0, 16, [True] * 3, lo, V)
+    want = torch.ops.mtp_ext.fused_ce_backward(g, *args[:3], y[None], lse, *tail)
+    got = torch.ops.mtp_ext.fused_ce_backward(cuda(g), *map(cuda, args[:3]), cuda(y[None]),
+                                              cuda(lse), *tail)
+    assert all(rel_err(a.cpu(), e) <= 1e-5 for a, e in zip(got, want))
