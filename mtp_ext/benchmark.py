@@ -204,13 +204,70 @@ def compare(case: Case, paths=PATHS, repeats: int = 3, memory: bool = True,
 
 def format_table(case: Case, rows: List[Row]) -> str:
     out = [f"{case.label()}",
-           "| path | time (s) | time / GEMM floor | speedup vs reference | peak memory (MiB) |",
-           "|---|---:|---:|---:|---:|"]
+           "| path | time (s) | time / GEMM floor | speedup vs reference | peak memory (MiB) "
+           "| memory saving vs reference |",
+           "|---|---:|---:|---:|---:|---:|"]
+    ref_mib = next((r.peak_mib for r in rows if r.path == "reference"), None)
     for r in rows:
         sp = "" if r.vs_reference is None else f"{r.vs_reference:.2f}x"
         mem = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
-        out.append(f"| {r.path} | {r.seconds:.3f} | {r.vs_floor:.3f} | {sp} | {mem} |")
+        save = f"{ref_mib / r.peak_mib:.1f}x" if ref_mib and r.peak_mib else ""
+        out.append(f"| {r.path} | {r.seconds:.3f} | {r.vs_floor:.3f} | {sp} | {mem} | {save} |")
     return "\n".join(out)
+
+
+def plot(results, filename: str):
+    """PNG of time and peak memory of each path against each quantity that varies in results
+    (a list of (Case, [Row])): heads n, vocabulary V, rows per head N. Needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install matplotlib (or 'mtp_ext[plot]')") from e
+    axes_of = {"n": "heads n", "V": "vocabulary V", "N": "rows per head N"}
+    varying = [a for a in axes_of if len({getattr(c, a) for c, _ in results}) > 1]
+    if not varying:
+        raise ValueError("nothing to plot: give several --heads, --vocab or --rows")
+    fig, grid = plt.subplots(2, len(varying), figsize=(5.5 * len(varying), 8), squeeze=False)
+    styles = {"fp32": "-", "bf16": "--", "fp16": ":"}
+    colors = dict(zip(PATHS, ("C0", "C3", "C2", "C1", "C7")))
+    for col, axis in enumerate(varying):
+        t_ax, m_ax = grid[0][col], grid[1][col]
+        others = [a for a in axes_of if a != axis]
+        # one series per (dtype, path), the other quantities fixed at the setting with the
+        # most points (ties: the largest)
+        groups: Dict[tuple, list] = {}
+        for c, rows in results:
+            groups.setdefault(tuple(getattr(c, a) for a in others), []).append((c, rows))
+        key = max(groups, key=lambda k: (len({getattr(c, axis) for c, _ in groups[k]}), k))
+        fixed = ", ".join(f"{a}={v}" for a, v in zip(others, key))
+        for dtype in dict.fromkeys(c.dtype for c, _ in groups[key]):
+            items = sorted((it for it in groups[key] if it[0].dtype == dtype),
+                           key=lambda it: getattr(it[0], axis))
+            for path in PATHS:
+                pts = [(getattr(c, axis), r.seconds, r.peak_mib) for c, rows in items
+                       for r in rows if r.path == path]
+                if not pts:
+                    continue
+                style = dict(linestyle=styles.get(dtype, "-"), marker="o", color=colors[path],
+                             label=f"{path} {dtype}")
+                t_ax.plot([x for x, _, _ in pts], [t for _, t, _ in pts], **style)
+                mem = [(x, m) for x, _, m in pts if m is not None and m > 0]
+                if mem:
+                    m_ax.plot(*zip(*mem), **style)
+        for ax, what in ((t_ax, "time per step (s)"), (m_ax, "peak memory above inputs (MiB)")):
+            ax.set_xlabel(f"{axes_of[axis]}  ({fixed})")
+            ax.set_ylabel(what)
+            ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    c0 = results[0][0]
+    fig.suptitle(f"MTP loss paths, D={c0.D}, {'fwd+bwd' if c0.backward else 'fwd'}, "
+                 f"{c0.device}: time and peak memory")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):

@@ -29,22 +29,30 @@ def bench(args) -> int:
     out = [f"# mtp-ext bench, {datetime.date.today().isoformat()}",
            f"machine: {_machine()}", f"command: mtp-ext {' '.join(args.argv)}", ""]
     print("\n".join(out), flush=True)
+    results = []
     for dtype in args.dtype:
-        for n in heads:
-            case = B.Case(n=n, N=args.rows, D=args.hidden, V=args.vocab, dtype=dtype,
-                          per_head=args.per_head, backward=not args.forward_only,
-                          device=args.device)
-            print(f"{case.label()}:", file=sys.stderr, flush=True)
-            rows = B.compare(case, paths=args.paths, repeats=args.repeats,
-                             memory=not args.no_memory,
-                             log=lambda s: print(s, file=sys.stderr, flush=True))
-            table = B.format_table(case, rows)
-            print(table + "\n", flush=True)
-            out.append(table + "\n")
+        for V in args.vocab:
+            for N in args.rows:
+                for n in heads:
+                    case = B.Case(n=n, N=N, D=args.hidden, V=V, dtype=dtype,
+                                  per_head=args.per_head, backward=not args.forward_only,
+                                  device=args.device)
+                    print(f"{case.label()}:", file=sys.stderr, flush=True)
+                    rows = B.compare(case, paths=args.paths, repeats=args.repeats,
+                                     memory=not args.no_memory,
+                                     log=lambda s: print(s, file=sys.stderr, flush=True))
+                    results.append((case, rows))
+                    table = B.format_table(case, rows)
+                    print(table + "\n", flush=True)
+                    out.append(table + "\n")
+                    if args.out:  # after every case: a long run keeps what it measured
+                        with open(args.out, "w") as f:
+                            f.write("\n".join(out))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(out))
         print(f"wrote {args.out}")
+    if args.plot:
+        B.plot(results, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -129,9 +137,10 @@ def main(argv=None) -> int:
     _add_generate(sub)
     b = sub.add_parser("bench", help="time and peak memory of the loss paths, side by side")
     b.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="numbers of heads n")
-    b.add_argument("--rows", type=int, default=4096, help="rows per head N (batch x sequence)")
+    b.add_argument("--rows", type=int, nargs="+", default=[4096],
+                   help="rows per head N (batch x sequence)")
     b.add_argument("--hidden", type=int, default=1024, help="hidden size D")
-    b.add_argument("--vocab", type=int, default=32768, help="vocabulary size V")
+    b.add_argument("--vocab", type=int, nargs="+", default=[32768], help="vocabulary sizes V")
     b.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     b.add_argument("--paths", nargs="+", default=None, help="subset of: fused reference "
                    "compiled torch_chunked gemm_floor")
@@ -141,6 +150,8 @@ def main(argv=None) -> int:
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     b.add_argument("--device", default="cpu")
     b.add_argument("--out", help="also write the tables to this markdown file")
+    b.add_argument("--plot", help="write time and peak memory against n, V and N to this PNG "
+                   "(needs matplotlib)")
     args = ap.parse_args(argv)
     args.argv = argv
     if args.cmd in ("train", "generate"):
@@ -155,7 +166,7 @@ def main(argv=None) -> int:
         bad = [p for p in args.paths if p not in B.PATHS]
         if bad:
             ap.error(f"unknown path(s) {bad}; choose from {B.PATHS}")
-        if min(args.heads) < 1 or min(args.rows, args.hidden, args.vocab) < 1:
+        if min(args.heads) < 1 or min(min(args.rows), args.hidden, min(args.vocab)) < 1:
             ap.error("--heads, --rows, --hidden and --vocab must be positive")
         return bench(args)
     return 2
