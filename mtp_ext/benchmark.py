@@ -216,6 +216,27 @@ def format_table(case: Case, rows: List[Row]) -> str:
     return "\n".join(out)
 
 
+def parse_tables(text: str):
+    """The (Case, [Row]) results in markdown written by format_table (`mtp-ext bench --out`),
+    so that plots can be redrawn from saved tables (`mtp-ext bench --replot FILE.md ...`)."""
+    results, case, rows = [], None, []
+    for line in text.splitlines():
+        words = line.split()
+        if line.startswith("n=") and not line.endswith(":"):
+            kv = dict(w.split("=") for w in words[:4])
+            case = Case(n=int(kv["n"]), N=int(kv["N"]), D=int(kv["D"]), V=int(kv["V"]),
+                        dtype=words[4], per_head=words[5] == "per-head",
+                        backward=words[6] == "fwd+bwd")
+            rows = []
+            results.append((case, rows))
+        elif case is not None and line.startswith("| ") and words[1] in PATHS:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            num = lambda c: float(c.rstrip("x")) if c else None
+            rows.append(Row(cells[0], float(cells[1]), float(cells[2]), num(cells[3]),
+                            num(cells[4])))
+    return results
+
+
 def plot(results, filename: str):
     """PNG of time and peak memory of each path against each quantity that varies in results
     (a list of (Case, [Row])): heads n, vocabulary V, rows per head N. Needs matplotlib."""

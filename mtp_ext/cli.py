@@ -25,6 +25,14 @@ def _machine() -> str:
 
 def bench(args) -> int:
     from . import benchmark as B
+    if args.replot:  # no measuring: plots from tables saved by --out
+        results = []
+        for name in args.replot:
+            with open(name) as f:
+                results += B.parse_tables(f.read())
+        B.plot(results, args.plot)
+        print(f"wrote {args.plot} from {len(results)} cases")
+        return 0
     heads = args.heads
     out = [f"# mtp-ext bench, {datetime.date.today().isoformat()}",
            f"machine: {_machine()}", f"command: mtp-ext {' '.join(args.argv)}", ""]
@@ -152,6 +160,8 @@ def main(argv=None) -> int:
     b.add_argument("--out", help="also write the tables to this markdown file")
     b.add_argument("--plot", help="write time and peak memory against n, V and N to this PNG "
                    "(needs matplotlib)")
+    b.add_argument("--replot", nargs="+", metavar="FILE.md",
+                   help="measure nothing: draw --plot from tables saved with --out")
     args = ap.parse_args(argv)
     args.argv = argv
     if args.cmd in ("train", "generate"):
@@ -166,6 +176,8 @@ def main(argv=None) -> int:
         bad = [p for p in args.paths if p not in B.PATHS]
         if bad:
             ap.error(f"unknown path(s) {bad}; choose from {B.PATHS}")
+        if args.replot and not args.plot:
+            ap.error("--replot needs --plot FILE.png")
         if min(args.heads) < 1 or min(min(args.rows), args.hidden, min(args.vocab)) < 1:
             ap.error("--heads, --rows, --hidden and --vocab must be positive")
         return bench(args)
