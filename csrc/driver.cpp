@@ -26,6 +26,10 @@ struct Pass {
   at::Tensor stats, argmax;       // [R, 4], [R]: statistics mode
   at::Tensor dx;                  // [R, D] input dtype
   at::Tensor dw_acc, db_acc;      // acc dtype, shaped as weight / bias
+  // 16-bit per-head weights: dw_acc is one head's [V, D] accumulator, reused head by head and
+  // cast into dw_out[head] when the head's rows are done (the chunks never cross heads), so
+  // the fp32 accumulator is the size of one head's weight, not of all of them.
+  at::Tensor dw_out;
   int64_t rows_per_head = 0;      // N
   int64_t chunk_rows = 0;
   LossOptions opt;
@@ -45,6 +49,10 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R);
   at::Tensor ws = at::empty({C, V}, p.x.options());
   const bool grad = p.scales.defined();
+  int64_t acc_head = -1;  // the head whose gradient dw_acc holds (with dw_out)
+  auto flush_head = [&] {
+    if (p.dw_out.defined() && acc_head >= 0) p.dw_out.select(0, acc_head).copy_(p.dw_acc);
+  };
   for (int64_t start = 0, end = 0; start < R; start = end) {
     const int64_t head = start / N;
     end = std::min(R, start + C);
@@ -72,12 +80,22 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     if (!grad) continue;
     const at::Tensor& g = rc.z;  // now the gradient
     if (p.dx.defined()) dev.grad_input(g, w, p.dx.narrow(0, start, c));
-    if (p.dw_acc.defined()) dev.grad_weight(g, x, shared ? p.dw_acc : p.dw_acc.select(0, head));
+    if (p.dw_out.defined()) {
+      if (head != acc_head) {
+        flush_head();
+        p.dw_acc.zero_();
+        acc_head = head;
+      }
+      dev.grad_weight(g, x, p.dw_acc);
+    } else if (p.dw_acc.defined()) {
+      dev.grad_weight(g, x, shared ? p.dw_acc : p.dw_acc.select(0, head));
+    }
     if (p.db_acc.defined()) {
       at::Tensor db = p.db_acc.dim() == 1 ? p.db_acc : p.db_acc.select(0, head);
       db.add_(g.sum(0, /*keepdim=*/false, acc));
     }
   }
+  flush_head();
 }
 
 // Fills the inputs and gradient outputs shared by forward and backward.
@@ -109,7 +127,12 @@ Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
   p.opt.vocab_total = vocab_total;
   if (want_grad) {
     if (grad_mask[0]) p.dx = at::empty_like(p.x);
-    if (grad_mask[1]) p.dw_acc = at::zeros(weight.sizes(), weight.options().dtype(acc));
+    if (grad_mask[1] && weight.dim() == 3 && weight.scalar_type() != acc) {
+      p.dw_acc = at::empty({weight.size(1), weight.size(2)}, weight.options().dtype(acc));
+      p.dw_out = N > 0 ? at::empty(weight.sizes(), weight.options()) : at::zeros_like(weight);
+    } else if (grad_mask[1]) {
+      p.dw_acc = at::zeros(weight.sizes(), weight.options().dtype(acc));
+    }
     if (grad_mask[2] && p.bias.defined()) p.db_acc = at::zeros_like(p.bias);
   }
   return p;
@@ -120,7 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients_out(const Pass& p, cons
                                                              const std::optional<at::Tensor>& bias) {
   auto empty = [&] { return at::empty({0}, hidden.options()); };  // distinct: outputs never alias
   at::Tensor dh = p.dx.defined() ? p.dx.view(hidden.sizes()) : empty();
-  at::Tensor dw = p.dw_acc.defined() ? p.dw_acc.to(weight.scalar_type()) : empty();
+  at::Tensor dw = p.dw_out.defined()   ? p.dw_out
+                 : p.dw_acc.defined() ? p.dw_acc.to(weight.scalar_type())
+                                      : empty();
   at::Tensor db = p.db_acc.defined() ? p.db_acc.to(bias->scalar_type()) : empty();
   return {dh, dw, db};
 }

@@ -119,10 +119,12 @@ def test_mtp_loss_module():
         mtp_ext.MTPLoss(impl="triton")
 
 
+@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mtp_16bit_error_bounded(dtype):
+def test_mtp_16bit_error_bounded(dtype, per_head):
+    # per-head: one fp32 accumulator reused head by head (4 chunks per head here)
     n, B, T, D, V = 4, 2, 64, 32, 2053
-    h, w, _, labels = mtp_inputs(n, B, T, D, V, seed=21)
+    h, w, _, labels = mtp_inputs(n, B, T, D, V, seed=21, per_head=per_head)
     h16, w16 = h.to(dtype), w.to(dtype)
     fn = lambda h, w: mtp_ext.mtp_loss(h, w, labels, chunk_size=37)
     rf = lambda h, w: reference.mtp_loss(h, w, labels)
