@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "common/ce_math.h"
+#include "common/row_chunk.h"
 
 namespace mtp {
 
@@ -26,6 +27,33 @@ struct RowChunkTensors {
   int64_t row_offset = 0;         // flattened index of the chunk's first row
   LossOptions opt;
 };
+
+template <class T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+}
+
+// The raw pointers of a chunk for a row kernel (A: arithmetic type, S: storage type of z).
+// Both devices' kernels take this struct; undefined tensors become null pointers.
+template <class A, class S>
+RowChunk<A, S> row_chunk_of(const RowChunkTensors& c) {
+  RowChunk<A, S> p;
+  p.rows = c.z.size(0);
+  p.ld_z = c.z.stride(0);
+  p.z = ptr_or_null<S>(c.z);
+  p.write_grad = c.write_grad;
+  p.bias = ptr_or_null<const A>(c.bias);
+  p.targets = ptr_or_null<const int64_t>(c.targets);
+  p.scales = ptr_or_null<const A>(c.scales);
+  p.lse_in = ptr_or_null<const A>(c.lse_in);
+  p.loss = ptr_or_null<A>(c.loss);
+  p.lse = ptr_or_null<A>(c.lse);
+  p.correct = ptr_or_null<A>(c.correct);
+  p.stats = ptr_or_null<A>(c.stats);
+  p.argmax = ptr_or_null<int64_t>(c.argmax);
+  p.opt = c.opt;
+  return p;
+}
 
 // What a device provides. GEMM inputs are row-major with unit inner stride.
 class DeviceKernels {

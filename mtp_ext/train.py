@@ -276,8 +276,8 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         opt.zero_grad(set_to_none=True)
         tokens += x.numel()
         heads = mdist.mean_over_ranks(out.head_losses, ctx).tolist()
-        loss_value = mdist.mean_over_ranks(out.loss, ctx).item()
         if first_losses is None:
+            loss_value = mdist.mean_over_ranks(out.loss, ctx).item()  # once: a collective
             first_losses = {"step": step + 1, "loss": loss_value, "head_losses": heads}
         rate = tokens / (time.perf_counter() - t0)
         if progress:

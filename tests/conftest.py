@@ -60,3 +60,17 @@ def as64(t):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    """A small folder of Python-like text files (and one binary file, which is skipped)."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    words = ["def ", "return ", "self", "(x)", ":\n    ", "import os\n", "class A:\n"]
+    for i in range(40):
+        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
+        (d / f"f{i}.py").write_text("".join(words[j] for j in idx))
+    (d / "blob.bin").write_bytes(b"\x00\x01\x02")
+    return d

@@ -89,17 +89,10 @@ def _run(args, ranks=None):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_training_matches_single_process(mode, tmp_path):
+def test_torchrun_training_matches_single_process(mode, corpus, tmp_path):
     """`torchrun --nproc_per_node 2 -m mtp_ext train --parallel MODE`, 4 steps then resumed to 6,
     against one process on the same global batches: the checkpoints agree to float rounding,
     rank 0 alone logs and writes."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    g = torch.Generator().manual_seed(0)
-    words = ["def ", "return ", "self", "(x)", ":\n    ", "import os\n", "class A:\n"]
-    for i in range(30):
-        idx = torch.randint(0, len(words), (300,), generator=g).tolist()
-        (corpus / f"f{i}.py").write_text("".join(words[j] for j in idx))
     single, par = tmp_path / "single", tmp_path / mode
     _run(_train_cmd(single, corpus, 4, ["--threads", "1"]))
     _run(_train_cmd(single, corpus, 6, ["--threads", "1", "--resume"]))

@@ -74,19 +74,6 @@ def test_bad_config_and_inputs():
         model(torch.zeros(1, 3, dtype=torch.long), loss_impl="triton")
 
 
-@pytest.fixture()
-def corpus(tmp_path):
-    d = tmp_path / "corpus"
-    d.mkdir()
-    g = torch.Generator().manual_seed(0)
-    words = ["def ", "return ", "self", "(x)", ":\n    ", "import os\n", "class A:\n"]
-    for i in range(40):
-        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
-        (d / f"f{i}.py").write_text("".join(words[j] for j in idx))
-    (d / "blob.bin").write_bytes(b"\x00\x01\x02")
-    return d
-
-
 def small_args(corpus, out, **kw):
     a = TrainArgs(steps=40, batch_size=8, seq_len=32, lr=3e-3, warmup=5, data=str(corpus),
                   out=str(out), eval_every=1000, eval_batches=2, d_model=32, layers=1,

@@ -271,28 +271,9 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
   }
 }
 
-template <class T>
-T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 template <class A, class S>
 void rows_typed(const RowChunkTensors& c) {
-  RowChunk<A, S> p;
-  p.rows = c.z.size(0);
-  p.ld_z = c.z.stride(0);
-  p.z = c.z.data_ptr<S>();
-  p.write_grad = c.write_grad;
-  p.bias = ptr_or_null<A>(c.bias);
-  p.targets = c.targets.data_ptr<int64_t>();
-  p.scales = ptr_or_null<A>(c.scales);
-  p.lse_in = ptr_or_null<A>(c.lse_in);
-  p.loss = ptr_or_null<A>(c.loss);
-  p.lse = ptr_or_null<A>(c.lse);
-  p.correct = ptr_or_null<A>(c.correct);
-  p.stats = ptr_or_null<A>(c.stats);
-  p.argmax = ptr_or_null<int64_t>(c.argmax);
-  p.opt = c.opt;
+  const RowChunk<A, S> p = row_chunk_of<A, S>(c);
   const int64_t blocks = (p.opt.vocab + kBlock - 1) / kBlock;
   at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> block_max_seen(blocks);

@@ -14,28 +14,9 @@
 namespace mtp::cuda {
 namespace {
 
-template <class T>
-T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
-}
-
 template <class A, class S>
 void rows_typed(const RowChunkTensors& c, int* bad_target) {
-  RowChunk<A, S> p;
-  p.rows = c.z.size(0);
-  p.ld_z = c.z.stride(0);
-  p.z = static_cast<S*>(c.z.data_ptr());
-  p.write_grad = c.write_grad;
-  p.bias = ptr_or_null<const A>(c.bias);
-  p.targets = c.targets.data_ptr<int64_t>();
-  p.scales = ptr_or_null<const A>(c.scales);
-  p.lse_in = ptr_or_null<const A>(c.lse_in);
-  p.loss = ptr_or_null<A>(c.loss);
-  p.lse = ptr_or_null<A>(c.lse);
-  p.correct = ptr_or_null<A>(c.correct);
-  p.stats = ptr_or_null<A>(c.stats);
-  p.argmax = ptr_or_null<int64_t>(c.argmax);
-  p.opt = c.opt;
+  const RowChunk<A, S> p = row_chunk_of<A, S>(c);
   const cudaError_t err =
       launch_rows<A, S>(p, c.row_offset, bad_target, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "mtp_ext: row kernel launch failed: ", cudaGetErrorString(err));
