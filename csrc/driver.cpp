@@ -47,7 +47,7 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   // pass B writes the gradient over them.
   const auto store = p.x.scalar_type();
   const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R);
-  at::Tensor ws = at::empty({C, V}, p.x.options());
+  at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
   int64_t acc_head = -1;  // the head whose gradient dw_acc holds (with dw_out)
   auto flush_head = [&] {
@@ -61,7 +61,8 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     const at::Tensor w = shared ? p.w : p.w.select(0, head);
     const at::Tensor x = p.x.narrow(0, start, c);
     RowChunkTensors rc;
-    rc.z = ws.narrow(0, 0, c);
+    rc.z = dev.vocab_major(store) ? ws.narrow(0, 0, c * V).view({V, c}).t()
+                             : ws.narrow(0, 0, c * V).view({c, V});
     dev.logits(x, w, rc.z);
     auto rows = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, start, c) : t; };
     if (p.bias.defined()) rc.bias = p.bias.dim() == 1 ? p.bias : p.bias.select(0, head);

@@ -13,7 +13,10 @@ namespace mtp {
 template <class acc_t, class store_t>
 struct RowChunk {
   int64_t rows = 0;
-  int64_t ld_z = 0;             // row stride of z, in elements
+  // Logit j of row r is z[r * ld_z + j * col_z]: rows contiguous (col_z = 1) on CUDA,
+  // vocabulary-major (ld_z = 1) on the CPU.
+  int64_t ld_z = 0;
+  int64_t col_z = 1;
   store_t* z = nullptr;         // [rows, V]: logits X W^T in; the gradient out with write_grad
   bool write_grad = false;
   const acc_t* bias = nullptr;  // [V] or null

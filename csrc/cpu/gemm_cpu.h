@@ -8,7 +8,7 @@
 
 namespace mtp::cpu {
 
-// z[c, V] = x[c, D] w[V, D]^T, in the input dtype
+// z[c, V] = x[c, D] w[V, D]^T, in the input dtype (z row-major or vocabulary-major)
 void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z);
 // dx[c, D] = g[c, V] w[V, D]
 void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx);

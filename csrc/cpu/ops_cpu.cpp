@@ -11,6 +11,7 @@ namespace {
 
 class CpuKernels final : public DeviceKernels {
  public:
+  bool vocab_major(at::ScalarType t) const override { return t == at::kFloat || t == at::kDouble; }
   void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore) const override {
     const int64_t* t = targets.data_ptr<int64_t>();
     const int64_t R = targets.numel();
@@ -25,7 +26,13 @@ class CpuKernels final : public DeviceKernels {
   void logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) const override {
     gemm_logits(x, w, z);
   }
-  void rows(const RowChunkTensors& chunk) const override { cpu::rows(chunk); }
+  void rows(const RowChunkTensors& chunk) const override {
+    if (vocab_major(chunk.z.scalar_type())) {
+      cpu::strips(chunk);
+    } else {
+      cpu::rows(chunk);
+    }
+  }
   void grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) const override {
     gemm_grad_input(g, w, dx);
   }

@@ -11,17 +11,9 @@
 #include <vector>
 
 #include "../common/row_chunk.h"
+#include "vec_math.h"
 
 namespace mtp {
-
-// The vector types of this CPU build, for the shared maths of ce_math.h.
-template <class S>
-struct Math<at::vec::Vectorized<S>> {
-  using V = at::vec::Vectorized<S>;
-  static V exp(const V& x) { return x.exp_u20(); }
-  static V log(const V& x) { return x.log(); }
-  static V tanh(const V& x) { return x.tanh(); }
-};
 
 namespace cpu {
 namespace {
@@ -274,6 +266,7 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
 template <class A, class S>
 void rows_typed(const RowChunkTensors& c) {
   const RowChunk<A, S> p = row_chunk_of<A, S>(c);
+  TORCH_CHECK(p.col_z == 1 || p.opt.vocab <= 1, "mtp_ext: row kernel given vocabulary-major logits");
   const int64_t blocks = (p.opt.vocab + kBlock - 1) / kBlock;
   at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> block_max_seen(blocks);

@@ -17,6 +17,7 @@ namespace {
 template <class A, class S>
 void rows_typed(const RowChunkTensors& c, int* bad_target) {
   const RowChunk<A, S> p = row_chunk_of<A, S>(c);
+  TORCH_CHECK(p.col_z == 1 || p.opt.vocab <= 1, "mtp_ext: the CUDA row kernel takes contiguous rows");
   const cudaError_t err =
       launch_rows<A, S>(p, c.row_offset, bad_target, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "mtp_ext: row kernel launch failed: ", cudaGetErrorString(err));
