@@ -49,6 +49,21 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R);
   at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
+  // Folded gradient: the row kernel leaves E and per-row (alpha, b, t) instead of G, and
+  //   dX_c = alpha (E W) - b sum_j W_j - t W_y,   dW += E^T (alpha X_c) - scatter_y(t X_c) - 1 u^T,
+  //   db += E^T alpha - sum b - scatter_y(t),     u = sum over all rows of b X (label smoothing).
+  // Same GEMMs, and no second sweep over the chunk.
+  const bool fold = grad && !p.lse_in.defined() && p.opt.softcap == 0 &&
+                    p.opt.vocab_total == 0 && dev.folds_gradient(store);
+  const bool smoothing = p.opt.label_smoothing != 0;
+  at::Tensor fold_buf = fold ? at::empty({C, 3}, p.x.options().dtype(acc)) : at::Tensor();
+  at::Tensor u;  // [D] or [n, D]: sum of b X per weight (label smoothing)
+  if (fold && smoothing && p.dw_acc.defined()) {
+    const auto opts = p.x.options().dtype(acc);
+    u = shared ? at::zeros({p.x.size(1)}, opts) : at::zeros({p.w.size(0), p.x.size(1)}, opts);
+  }
+  at::Tensor w_sum;  // sum_j W_j of the current weight (label smoothing, dX)
+  int64_t w_sum_head = -1;
   int64_t acc_head = -1;  // the head whose gradient dw_acc holds (with dw_out)
   auto flush_head = [&] {
     if (p.dw_out.defined() && acc_head >= 0) p.dw_out.select(0, acc_head).copy_(p.dw_acc);
@@ -74,29 +89,68 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     rc.correct = rows(p.correct);
     rc.stats = rows(p.stats);
     rc.argmax = rows(p.argmax);
+    if (fold) rc.fold = fold_buf.narrow(0, 0, c);
     rc.opt = p.opt;
     rc.row_offset = start;
     rc.write_grad = grad;
     dev.rows(rc);
     if (!grad) continue;
-    const at::Tensor& g = rc.z;  // now the gradient
-    if (p.dx.defined()) dev.grad_input(g, w, p.dx.narrow(0, start, c));
+    const at::Tensor& g = rc.z;  // now the gradient, or E when folded
+    at::Tensor alpha, b, t, y;
+    if (fold) {
+      alpha = rc.fold.select(1, 0).unsqueeze(1);
+      b = rc.fold.select(1, 1).unsqueeze(1);
+      t = rc.fold.select(1, 2).unsqueeze(1);
+      y = rc.targets.clamp(0, V - 1);  // t = 0 where the target is ignored
+    }
+    if (p.dx.defined()) {
+      at::Tensor dx = p.dx.narrow(0, start, c);
+      dev.grad_input(g, w, dx);
+      if (fold) {
+        dx.mul_(alpha);
+        dx.addcmul_(t, w.index_select(0, y), -1);
+        if (smoothing) {
+          if (w_sum_head != (shared ? 0 : head)) {
+            w_sum = w.sum(0, false, acc);
+            w_sum_head = shared ? 0 : head;
+          }
+          dx.addcmul_(b, w_sum.unsqueeze(0), -1);
+        }
+      }
+    }
+    at::Tensor dw;
     if (p.dw_out.defined()) {
       if (head != acc_head) {
         flush_head();
         p.dw_acc.zero_();
         acc_head = head;
       }
-      dev.grad_weight(g, x, p.dw_acc);
+      dw = p.dw_acc;
     } else if (p.dw_acc.defined()) {
-      dev.grad_weight(g, x, shared ? p.dw_acc : p.dw_acc.select(0, head));
+      dw = shared ? p.dw_acc : p.dw_acc.select(0, head);
+    }
+    if (dw.defined()) {
+      if (fold) {
+        dev.grad_weight(g, x * alpha, dw);
+        dw.index_add_(0, y, x * t, -1);
+        if (smoothing) (shared ? u : u.select(0, head)).add_((x * b).sum(0));
+      } else {
+        dev.grad_weight(g, x, dw);
+      }
     }
     if (p.db_acc.defined()) {
       at::Tensor db = p.db_acc.dim() == 1 ? p.db_acc : p.db_acc.select(0, head);
-      db.add_(g.sum(0, /*keepdim=*/false, acc));
+      if (fold) {
+        db.add_(at::mv(g.t(), alpha.squeeze(1)));
+        db.sub_(b.sum());
+        db.index_add_(0, y, t.squeeze(1), -1);
+      } else {
+        db.add_(g.sum(0, /*keepdim=*/false, acc));
+      }
     }
   }
   flush_head();
+  if (u.defined()) p.dw_acc.sub_(u.unsqueeze(-2));
 }
 
 // Fills the inputs and gradient outputs shared by forward and backward.

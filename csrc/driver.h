@@ -24,6 +24,7 @@ struct RowChunkTensors {
   at::Tensor lse_in;   // [c] acc dtype: given lse (backward), or undefined (forward)
   at::Tensor loss, lse, correct;  // [c] acc dtype outputs of the forward
   at::Tensor stats, argmax;       // statistics mode: [c, 4] acc dtype and [c] int64 (row_chunk.h)
+  at::Tensor fold;                // folded gradient: [c, 3] acc dtype (row_chunk.h)
   int64_t row_offset = 0;         // flattened index of the chunk's first row
   LossOptions opt;
 };
@@ -52,6 +53,7 @@ RowChunk<A, S> row_chunk_of(const RowChunkTensors& c) {
   p.correct = ptr_or_null<A>(c.correct);
   p.stats = ptr_or_null<A>(c.stats);
   p.argmax = ptr_or_null<int64_t>(c.argmax);
+  p.fold = ptr_or_null<A>(c.fold);
   p.opt = c.opt;
   return p;
 }
@@ -63,6 +65,9 @@ class DeviceKernels {
   // The layout of a chunk's logits z[c, V] of this dtype: vocabulary-major (z^T contiguous;
   // the CPU in float32/float64, where MKL's logits GEMM is fastest so) or row-major.
   virtual bool vocab_major(at::ScalarType) const { return false; }
+  // Whether the row kernel can fold pass B into the GEMMs for logits of this dtype (no softcap;
+  // RowChunk::fold).
+  virtual bool folds_gradient(at::ScalarType) const { return false; }
   // Raises IndexError naming the first target outside [0, V) that is not ignore_index.
   virtual void check_targets(const at::Tensor& targets, int64_t vocab,
                              int64_t ignore_index) const = 0;

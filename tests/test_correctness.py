@@ -133,6 +133,40 @@ def test_nan_and_inf_inputs_give_nan_not_crash():
         assert not torch.isfinite(mtp_ext.linear_cross_entropy(hb, w, y))
 
 
+def test_nan_and_inf_inputs_with_gradients_give_nan():
+    """The gradient-in-forward path (on the CPU, pass B folded into the GEMMs) keeps nan too."""
+    h, w, _, y = make_inputs(10, 8, 30, torch.float32, seed=9, ignore_frac=0.0)
+    for bad in (float("nan"), float("inf")):
+        hb = h.clone()
+        hb[3, 2] = bad
+        loss = mtp_ext.linear_cross_entropy(hb.requires_grad_(), w, y)
+        assert not torch.isfinite(loss)
+        loss.backward()
+        assert torch.isfinite(hb.grad[[0, 1, 2, 4]]).all() or not torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)],
+                         ids=["plain", "smoothing,z_loss"])
+def test_logits_spanning_far_more_than_exp_range(dtype, opts):
+    """Row maxima that rise by 80-250 after the first vocabulary block (the CPU's folded gradient
+    stores exponentials against a reference and rescales them then): equal to float64."""
+    h, w, b, y = make_inputs(40, 16, 700, torch.float64, seed=5, bias=True, ignore_frac=0.1)
+    b[:40] = -100.0
+    b[300] = 80.0
+    b[600:610] = 150.0
+    h[::3] *= 30
+    y[5] = 605
+    y[6] = 300
+    tensors = tuple(t.to(dtype) if t.is_floating_point() else t for t in (h, w, y, b))
+    loss, grads = loss_and_grads(mtp_ext.linear_cross_entropy, tensors, None, chunk_size=16, **opts)
+    ref_loss, ref_grads = loss_and_grads(reference.linear_cross_entropy, (h, w, y, b), None, **opts)
+    errs = [rel_err(loss, ref_loss)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)
+                                        if r is not None]
+    assert torch.isfinite(loss)
+    assert max(errs) <= (1e-5 if dtype == torch.float32 else 1e-10), errs
+
+
 def test_fp16_bf16_logits_error_bounded():
     """16-bit inputs: fused error against float64 no worse than twice PyTorch's own bf16 path."""
     for dt in (torch.bfloat16, torch.float16):

@@ -31,6 +31,11 @@ struct RowChunk {
   // its argmax as a global vocabulary id (-1 for ignored rows).
   acc_t* stats = nullptr;     // [rows, 4]
   int64_t* argmax = nullptr;  // [rows]
+  // Folded gradient (forward with write_grad, float32/float64 logits, no softcap; the CPU): pass
+  // A leaves E_j = exp(z_j - ref) in z, with one reference per row, and per row
+  // (alpha, b, t) such that G_j = alpha E_j - b - [j == y] t; pass B is left to the GEMMs
+  // (driver.cpp). Ignored rows get E = 0 and zero coefficients.
+  acc_t* fold = nullptr;  // [rows, 3]
   LossOptions opt;
 };
 

@@ -12,6 +12,7 @@ namespace {
 class CpuKernels final : public DeviceKernels {
  public:
   bool vocab_major(at::ScalarType t) const override { return t == at::kFloat || t == at::kDouble; }
+  bool folds_gradient(at::ScalarType t) const override { return vocab_major(t); }
   void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore) const override {
     const int64_t* t = targets.data_ptr<int64_t>();
     const int64_t R = targets.numel();

@@ -128,6 +128,7 @@ template <class A>
 struct RunningStats {
   static constexpr int64_t L = Vec<A>::size();
   Vec<A> m{row_max_start<A>()}, se{A(0)}, sz{A(0)};
+  Vec<A> ref{row_max_start<A>()};  // folded gradient: the reference of the exponentials
   int64_t arg[L];
   RunningStats() { std::fill(arg, arg + L, int64_t(-1)); }
 };
@@ -165,14 +166,29 @@ void finish_strip(const RowChunk<A, S>& p, const Strip<A, S>& s, const RunningSt
                   LaneCoef<A>& k) {
   constexpr int64_t L = Strip<A, S>::L;
   const LossOptions& o = p.opt;
-  alignas(64) A m_l[L], se_l[L], sz_l[L];
+  alignas(64) A m_l[L], se_l[L], sz_l[L], ref_l[L];
   st.m.store(m_l);
   st.se.store(se_l);
   st.sz.store(sz_l);
+  st.ref.store(ref_l);
   for (int64_t l = 0; l < L; ++l) {
     k.clear(l);
-    if (!s.valid[l]) continue;
     const int64_t r = s.r0 + l;
+    if (p.fold && l < s.lanes) std::fill(p.fold + 3 * r, p.fold + 3 * r + 3, A(0));
+    if (!s.valid[l]) continue;
+    if (p.fold) {
+      // se is relative to ref; the true max m only makes the lse nan when it is nan or inf
+      const RowLoss<A> rl = row_loss(ref_l[l] + (m_l[l] - m_l[l]), se_l[l], sz_l[l], s.z_y[l], o);
+      p.loss[r] = rl.loss;
+      p.lse[r] = rl.lse;
+      p.correct[r] = s.y[l] >= 0 && st.arg[l] == s.y[l] ? A(1) : A(0);
+      const GradCoef<A> g = grad_coef(rl.lse, p.scales[r], o);
+      A* f = p.fold + 3 * r;
+      f[0] = g.a * Math<A>::exp(ref_l[l] - rl.lse);
+      f[1] = g.b;
+      f[2] = g.t;
+      continue;
+    }
     if (p.stats) {
       A* out = p.stats + 4 * r;
       out[0] = m_l[l];
@@ -188,6 +204,32 @@ void finish_strip(const RowChunk<A, S>& p, const Strip<A, S>& s, const RunningSt
     p.correct[r] = s.y[l] >= 0 && st.arg[l] == s.y[l] ? A(1) : A(0);
     if (p.write_grad) k.set(l, grad_coef(rl.lse, p.scales[r], o));
   }
+}
+
+// Folded gradient: the exponentials of a row are relative to one reference, its max as far as
+// it is known, raised only when a block's max exceeds it by more than kHeadroom (so stored
+// values stay below e^60 and their sum below V e^60). Raising it rescales what the lane has
+// stored so far: rare, as logits rarely span 60 within a row after the first block.
+constexpr double kHeadroom = 60;
+
+template <class A, class S>
+void raise_reference(const Strip<A, S>& s, int64_t j0, const A* block_max, RunningStats<A>& r) {
+  constexpr int64_t L = Strip<A, S>::L;
+  alignas(64) A ref_l[L], se_l[L];
+  r.ref.store(ref_l);
+  r.se.store(se_l);
+  bool raised = false;
+  for (int64_t l = 0; l < s.lanes; ++l) {
+    if (!(block_max[l] > ref_l[l] + A(kHeadroom))) continue;
+    const A f = Math<A>::exp(ref_l[l] - block_max[l]);
+    se_l[l] *= f;
+    for (int64_t j = 0; j < j0; ++j) s.at(j)[l] *= f;
+    ref_l[l] = block_max[l];
+    raised = true;
+  }
+  if (!raised) return;
+  r.ref = Vec<A>::loadu(ref_l);
+  r.se = Vec<A>::loadu(se_l);
 }
 
 // Strips [first, last) of a chunk, on one thread. Each pass walks the vocabulary in blocks of
@@ -208,7 +250,9 @@ void process_strips(const RowChunk<A, S>& p, int64_t first, int64_t last) {
   // With float32/float64 storage and no softcap, pass A keeps the exponentials for pass B:
   // e_j = exp(z_j - m_k) with m_k the lane's running max when block k was seen.
   const bool store_exp = std::is_same_v<A, S> && p.write_grad && !p.lse_in && !(cap > 0);
-  std::vector<A> block_max(store_exp ? count * blocks * L : 0);
+  const bool fold = p.fold != nullptr;
+  TORCH_CHECK(!fold || store_exp, "mtp_ext: folded gradient without stored exponentials");
+  std::vector<A> block_max(store_exp && !fold ? count * blocks * L : 0);
   if (p.lse_in) {  // backward recompute: pass B only, from the given lse
     for (int64_t i = 0; i < count; ++i) {
       for (int64_t l = 0; l < L; ++l) {
@@ -254,22 +298,30 @@ void process_strips(const RowChunk<A, S>& p, int64_t first, int64_t last) {
           }
         }
         const Vec<A> m_new = at::vec::maximum(r.m, bm[i]);
-        r.se = r.se * Math<Vec<A>>::exp(r.m - m_new);
-        r.m = m_new;
+        if (fold) {
+          r.m = m_new;
+          raise_reference(s, j0, bm_l, r);
+        } else {
+          r.se = r.se * Math<Vec<A>>::exp(r.m - m_new);
+          r.m = m_new;
+        }
+        const Vec<A> ref = fold ? r.ref : r.m;
+        const Vec<A> valid = s.valid_mask(), zero(A(0));
         Vec<A> bse(A(0));
         for (int64_t jj = 0; jj < n; ++jj) {
           const Vec<A> v = Vec<A>::loadu(b + jj * L);
-          const Vec<A> e = Math<Vec<A>>::exp(v - r.m);
+          Vec<A> e = Math<Vec<A>>::exp(v - ref);
+          if (fold && !s.all_valid) e = Vec<A>::blendv(zero, e, valid);
           if (store_exp) store<A, S>(e, s.at(j0 + jj), s.lanes);  // lines still in cache
           bse = bse + e;
           if (want_sum) r.sz = r.sz + v;
         }
         r.se = r.se + bse;
-        if (store_exp) r.m.store(block_max.data() + (i * blocks + blk) * L);
+        if (store_exp && !fold) r.m.store(block_max.data() + (i * blocks + blk) * L);
       }
     }
     for (int64_t i = 0; i < count; ++i) finish_strip(p, strips[i], st[i], coef[i]);
-    if (!p.write_grad) return;
+    if (!p.write_grad || fold) return;
   }
   // Pass B: G_j = f_j (exp(z_j - lse) a - b) - [j == y] f_y t, from the exponentials as
   // e_j exp(m_k - lse) a - b (one multiply-add), or from the logits.
