@@ -35,6 +35,58 @@ struct Pass {
   LossOptions opt;
 };
 
+// Folded gradient: the row kernel leaves E_j = exp(z_j - ref) and per row (alpha, b, t) such
+// that G_j = alpha E_j - b - [j == y] t (RowChunk::fold), and the GEMMs take E:
+//   dX_c = alpha (E W) - b sum_j W_j - t W_y
+//   dW  += E^T (alpha X_c) - scatter_y(t X_c) - 1 u^T,  u = sum over all rows of b X
+//   db  += E^T alpha - sum b - scatter_y(t)
+// The same GEMMs as with G, and no second sweep over the chunk.
+struct FoldedGradient {
+  at::Tensor alpha, b, t, y;  // [c, 1] x 3 and [c] of the current chunk
+  bool smoothing = false;     // b != 0
+  at::Tensor u;               // [D] or [n, D]: sum of b X per weight
+  at::Tensor w_sum;           // sum_j W_j of the weight of head w_sum_head
+  int64_t w_sum_head = -1;
+
+  FoldedGradient(const Pass& p, at::ScalarType acc) : smoothing(p.opt.label_smoothing != 0) {
+    if (!smoothing || !p.dw_acc.defined()) return;
+    const auto opts = p.x.options().dtype(acc);
+    const int64_t D = p.x.size(1);
+    u = p.w.dim() == 2 ? at::zeros({D}, opts) : at::zeros({p.w.size(0), D}, opts);
+  }
+  void start_chunk(const RowChunkTensors& rc, int64_t vocab) {
+    alpha = rc.fold.select(1, 0).unsqueeze(1);
+    b = rc.fold.select(1, 1).unsqueeze(1);
+    t = rc.fold.select(1, 2).unsqueeze(1);
+    y = rc.targets.clamp(0, vocab - 1);  // t = 0 where the target is ignored
+  }
+  // dx holds E W.
+  void input(const at::Tensor& dx, const at::Tensor& w, int64_t w_head) {
+    const_cast<at::Tensor&>(dx).mul_(alpha);
+    const_cast<at::Tensor&>(dx).addcmul_(t, w.index_select(0, y), -1);
+    if (!smoothing) return;
+    if (w_sum_head != w_head) {
+      w_sum = w.sum(0, false, dx.scalar_type());
+      w_sum_head = w_head;
+    }
+    const_cast<at::Tensor&>(dx).addcmul_(b, w_sum.unsqueeze(0), -1);
+  }
+  void weight(const DeviceKernels& dev, const at::Tensor& e, const at::Tensor& x,
+              const at::Tensor& dw, int64_t w_head) {
+    dev.grad_weight(e, x * alpha, dw);
+    const_cast<at::Tensor&>(dw).index_add_(0, y, x * t, -1);
+    if (u.defined()) (u.dim() == 1 ? u : u.select(0, w_head)).add_((x * b).sum(0));
+  }
+  void bias(const at::Tensor& e, const at::Tensor& db) {
+    const_cast<at::Tensor&>(db).add_(at::mv(e.t(), alpha.squeeze(1)));
+    const_cast<at::Tensor&>(db).sub_(b.sum());
+    const_cast<at::Tensor&>(db).index_add_(0, y, t.squeeze(1), -1);
+  }
+  void finish(const at::Tensor& dw_acc) {
+    if (u.defined()) const_cast<at::Tensor&>(dw_acc).sub_(u.unsqueeze(-2));
+  }
+};
+
 void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t R = p.x.size(0);
   if (R == 0) return;
@@ -49,21 +101,10 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R);
   at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
-  // Folded gradient: the row kernel leaves E and per-row (alpha, b, t) instead of G, and
-  //   dX_c = alpha (E W) - b sum_j W_j - t W_y,   dW += E^T (alpha X_c) - scatter_y(t X_c) - 1 u^T,
-  //   db += E^T alpha - sum b - scatter_y(t),     u = sum over all rows of b X (label smoothing).
-  // Same GEMMs, and no second sweep over the chunk.
   const bool fold = grad && !p.lse_in.defined() && p.opt.softcap == 0 &&
                     p.opt.vocab_total == 0 && dev.folds_gradient(store);
-  const bool smoothing = p.opt.label_smoothing != 0;
   at::Tensor fold_buf = fold ? at::empty({C, 3}, p.x.options().dtype(acc)) : at::Tensor();
-  at::Tensor u;  // [D] or [n, D]: sum of b X per weight (label smoothing)
-  if (fold && smoothing && p.dw_acc.defined()) {
-    const auto opts = p.x.options().dtype(acc);
-    u = shared ? at::zeros({p.x.size(1)}, opts) : at::zeros({p.w.size(0), p.x.size(1)}, opts);
-  }
-  at::Tensor w_sum;  // sum_j W_j of the current weight (label smoothing, dX)
-  int64_t w_sum_head = -1;
+  FoldedGradient folded(p, acc);
   int64_t acc_head = -1;  // the head whose gradient dw_acc holds (with dw_out)
   auto flush_head = [&] {
     if (p.dw_out.defined() && acc_head >= 0) p.dw_out.select(0, acc_head).copy_(p.dw_acc);
@@ -96,27 +137,12 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     dev.rows(rc);
     if (!grad) continue;
     const at::Tensor& g = rc.z;  // now the gradient, or E when folded
-    at::Tensor alpha, b, t, y;
-    if (fold) {
-      alpha = rc.fold.select(1, 0).unsqueeze(1);
-      b = rc.fold.select(1, 1).unsqueeze(1);
-      t = rc.fold.select(1, 2).unsqueeze(1);
-      y = rc.targets.clamp(0, V - 1);  // t = 0 where the target is ignored
-    }
+    const int64_t w_head = shared ? 0 : head;
+    if (fold) folded.start_chunk(rc, V);
     if (p.dx.defined()) {
       at::Tensor dx = p.dx.narrow(0, start, c);
       dev.grad_input(g, w, dx);
-      if (fold) {
-        dx.mul_(alpha);
-        dx.addcmul_(t, w.index_select(0, y), -1);
-        if (smoothing) {
-          if (w_sum_head != (shared ? 0 : head)) {
-            w_sum = w.sum(0, false, acc);
-            w_sum_head = shared ? 0 : head;
-          }
-          dx.addcmul_(b, w_sum.unsqueeze(0), -1);
-        }
-      }
+      if (fold) folded.input(dx, w, w_head);
     }
     at::Tensor dw;
     if (p.dw_out.defined()) {
@@ -131,9 +157,7 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     }
     if (dw.defined()) {
       if (fold) {
-        dev.grad_weight(g, x * alpha, dw);
-        dw.index_add_(0, y, x * t, -1);
-        if (smoothing) (shared ? u : u.select(0, head)).add_((x * b).sum(0));
+        folded.weight(dev, g, x, dw, w_head);
       } else {
         dev.grad_weight(g, x, dw);
       }
@@ -141,16 +165,14 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     if (p.db_acc.defined()) {
       at::Tensor db = p.db_acc.dim() == 1 ? p.db_acc : p.db_acc.select(0, head);
       if (fold) {
-        db.add_(at::mv(g.t(), alpha.squeeze(1)));
-        db.sub_(b.sum());
-        db.index_add_(0, y, t.squeeze(1), -1);
+        folded.bias(g, db);
       } else {
         db.add_(g.sum(0, /*keepdim=*/false, acc));
       }
     }
   }
   flush_head();
-  if (u.defined()) p.dw_acc.sub_(u.unsqueeze(-2));
+  if (fold) folded.finish(p.dw_acc);
 }
 
 // Fills the inputs and gradient outputs shared by forward and backward.

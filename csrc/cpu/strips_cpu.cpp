@@ -21,9 +21,9 @@ namespace {
 
 // Float32/float64 logits are vocabulary-major on the CPU (the logits GEMM z^T = W x^T is the
 // fastest layout on MKL, ~10% faster than z = X W^T at the reference shape): logit j of row r
-// is z[r + j * col_z]. The kernel works on strips of L = Vec<A>::size()
-// consecutive rows, one row per SIMD lane, walking the vocabulary in blocks of kBlock entries
-// (a block of one thread's rows stays in L1/L2).
+// is z[r + j * col_z]. The kernel works on strips of L = Vec<A>::size() consecutive rows, one
+// row per SIMD lane, walking the vocabulary in blocks of kBlock entries (a block of one
+// thread's rows stays in L1/L2).
 template <class A>
 using Vec = at::vec::Vectorized<A>;
 constexpr int64_t kBlock = 32;
@@ -240,19 +240,17 @@ void process_strips(const RowChunk<A, S>& p, int64_t first, int64_t last) {
   constexpr int64_t L = Vec<A>::size();
   const LossOptions& o = p.opt;
   const int64_t V = o.vocab;
-  const int64_t blocks = (V + kBlock - 1) / kBlock;
   const int64_t count = last - first;
   const A cap = A(o.softcap);
   const Transform<A> tf{p.bias, cap, cap > 0 ? A(1) / cap : A(0)};
   std::vector<Strip<A, S>> strips(count);
   std::vector<LaneCoef<A>> coef(count);
   for (int64_t i = 0; i < count; ++i) init_strip(p, tf, (first + i) * L, strips[i]);
-  // With float32/float64 storage and no softcap, pass A keeps the exponentials for pass B:
-  // e_j = exp(z_j - m_k) with m_k the lane's running max when block k was seen.
-  const bool store_exp = std::is_same_v<A, S> && p.write_grad && !p.lse_in && !(cap > 0);
+  // Folded gradient (forward with gradients, no softcap): pass A leaves the exponentials
+  // against the rows' references and the coefficients; there is no pass B.
   const bool fold = p.fold != nullptr;
-  TORCH_CHECK(!fold || store_exp, "mtp_ext: folded gradient without stored exponentials");
-  std::vector<A> block_max(store_exp && !fold ? count * blocks * L : 0);
+  TORCH_CHECK(!fold || (p.write_grad && !p.lse_in && !(cap > 0)),
+              "mtp_ext: a folded gradient needs a forward with gradients and no softcap");
   if (p.lse_in) {  // backward recompute: pass B only, from the given lse
     for (int64_t i = 0; i < count; ++i) {
       for (int64_t l = 0; l < L; ++l) {
@@ -272,7 +270,7 @@ void process_strips(const RowChunk<A, S>& p, int64_t first, int64_t last) {
     std::vector<Vec<A>> bm(count);
     std::vector<A> buf(count * kBlock * L);  // the block's transformed logits, strip by strip
     alignas(64) A bm_l[L], m_l[L];
-    for (int64_t j0 = 0, blk = 0; j0 < V; j0 += kBlock, ++blk) {
+    for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
       const int64_t n = std::min(kBlock, V - j0);
       std::fill(bm.begin(), bm.end(), Vec<A>(row_max_start<A>()));
       for (int64_t jj = 0; jj < n; ++jj) {
@@ -312,47 +310,29 @@ void process_strips(const RowChunk<A, S>& p, int64_t first, int64_t last) {
           const Vec<A> v = Vec<A>::loadu(b + jj * L);
           Vec<A> e = Math<Vec<A>>::exp(v - ref);
           if (fold && !s.all_valid) e = Vec<A>::blendv(zero, e, valid);
-          if (store_exp) store<A, S>(e, s.at(j0 + jj), s.lanes);  // lines still in cache
+          if (fold) store<A, S>(e, s.at(j0 + jj), s.lanes);  // lines still in cache
           bse = bse + e;
           if (want_sum) r.sz = r.sz + v;
         }
         r.se = r.se + bse;
-        if (store_exp && !fold) r.m.store(block_max.data() + (i * blocks + blk) * L);
       }
     }
     for (int64_t i = 0; i < count; ++i) finish_strip(p, strips[i], st[i], coef[i]);
     if (!p.write_grad || fold) return;
   }
-  // Pass B: G_j = f_j (exp(z_j - lse) a - b) - [j == y] f_y t, from the exponentials as
-  // e_j exp(m_k - lse) a - b (one multiply-add), or from the logits.
+  // Pass B (softcap, or backward recompute): G_j = f_j (exp(z_j - lse) a - b) - [j == y] f_y t.
   std::vector<LaneGrad<A>> lg;
   lg.reserve(count);
   for (int64_t i = 0; i < count; ++i) lg.emplace_back(strips[i], coef[i], tf);
-  std::vector<Vec<A>> c(count);
   const bool cap_on = cap > 0;
-  for (int64_t j0 = 0, blk = 0; j0 < V; j0 += kBlock, ++blk) {
-    const int64_t n = std::min(kBlock, V - j0);
-    if (store_exp) {
-      for (int64_t i = 0; i < count; ++i) {
-        const Vec<A> m_k = Vec<A>::loadu(block_max.data() + (i * blocks + blk) * L);
-        c[i] = Math<Vec<A>>::exp(m_k - lg[i].lse) * lg[i].a;
-      }
-    }
-    for (int64_t jj = 0; jj < n; ++jj) {
-      const int64_t j = j0 + jj;
-      for (int64_t i = 0; i < count; ++i) {
-        const Strip<A, S>& s = strips[i];
-        const LaneGrad<A>& k = lg[i];
-        Vec<A> g;
-        if (store_exp) {
-          g = at::vec::fmsub(load<A, S>(s.at(j), s.lanes), c[i], k.b);
-        } else {
-          const Vec<A> v = tf(load<A, S>(s.at(j), s.lanes), j);
-          g = Math<Vec<A>>::exp(v - k.lse) * k.a - k.b;
-          if (cap_on) g = g * softcap_derivative(v, tf.inv_cap);
-        }
-        store<A, S>(k.finish(g, j, s.all_valid), s.at(j), s.lanes);
-      }
+  for (int64_t j = 0; j < V; ++j) {
+    for (int64_t i = 0; i < count; ++i) {
+      const Strip<A, S>& s = strips[i];
+      const LaneGrad<A>& k = lg[i];
+      const Vec<A> v = tf(load<A, S>(s.at(j), s.lanes), j);
+      Vec<A> g = Math<Vec<A>>::exp(v - k.lse) * k.a - k.b;
+      if (cap_on) g = g * softcap_derivative(v, tf.inv_cap);
+      store<A, S>(k.finish(g, j, s.all_valid), s.at(j), s.lanes);
     }
   }
 }
@@ -362,6 +342,10 @@ void strips_typed(const RowChunkTensors& c) {
   const RowChunk<A, S> p = row_chunk_of<A, S>(c);
   TORCH_CHECK(p.rows <= 1 || p.ld_z == 1, "mtp_ext: the CPU row kernel takes vocabulary-major "
               "logits (row stride 1), got row stride ", p.ld_z);
+  // LaneGrad compares vocabulary indices as A: exact up to 2^24 (float32).
+  TORCH_CHECK(p.opt.vocab <= (int64_t(1) << std::numeric_limits<A>::digits),
+              "mtp_ext: a vocabulary of ", p.opt.vocab, " entries is too large for ",
+              sizeof(A) == 4 ? "float32" : "float64", " on the CPU");
   constexpr int64_t L = Vec<A>::size();
   const int64_t strips = (p.rows + L - 1) / L;
   // Each thread takes a contiguous range of strips (a few rows make one strip and one thread:
