@@ -101,7 +101,8 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R);
   at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
-  const bool fold = grad && !p.lse_in.defined() && p.opt.softcap == 0 &&
+  const bool vocab_major = dev.vocab_major(store, C);
+  const bool fold = grad && vocab_major && !p.lse_in.defined() && p.opt.softcap == 0 &&
                     p.opt.vocab_total == 0 && dev.folds_gradient(store);
   at::Tensor fold_buf = fold ? at::empty({C, 3}, p.x.options().dtype(acc)) : at::Tensor();
   FoldedGradient folded(p, acc);
@@ -117,8 +118,9 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     const at::Tensor w = shared ? p.w : p.w.select(0, head);
     const at::Tensor x = p.x.narrow(0, start, c);
     RowChunkTensors rc;
-    rc.z = dev.vocab_major(store) ? ws.narrow(0, 0, c * V).view({V, c}).t()
-                             : ws.narrow(0, 0, c * V).view({c, V});
+    rc.z = vocab_major ? ws.narrow(0, 0, c * V).view({V, c}).t()
+                       : ws.narrow(0, 0, c * V).view({c, V});
+    rc.vocab_major = vocab_major;
     dev.logits(x, w, rc.z);
     auto rows = [&](const at::Tensor& t) { return t.defined() ? t.narrow(0, start, c) : t; };
     if (p.bias.defined()) rc.bias = p.bias.dim() == 1 ? p.bias : p.bias.select(0, head);

@@ -17,6 +17,7 @@ enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 // One chunk of rows for a device's row kernel, as tensors (the device turns them into RowChunk).
 struct RowChunkTensors {
   at::Tensor z;        // [c, V] input dtype: the logits, laid out as the device asks
+  bool vocab_major = false;  // z^T contiguous (DeviceKernels::vocab_major)
   bool write_grad = false;  // pass B: write the gradient over z
   at::Tensor bias;     // [V] acc dtype or undefined
   at::Tensor targets;  // [c] int64
@@ -62,16 +63,17 @@ RowChunk<A, S> row_chunk_of(const RowChunkTensors& c) {
 class DeviceKernels {
  public:
   virtual ~DeviceKernels() = default;
-  // The layout of a chunk's logits z[c, V] of this dtype: vocabulary-major (z^T contiguous;
-  // the CPU in float32/float64, where MKL's logits GEMM is fastest so) or row-major.
-  virtual bool vocab_major(at::ScalarType) const { return false; }
-  // Whether the row kernel can fold pass B into the GEMMs for logits of this dtype (no softcap;
-  // RowChunk::fold).
+  // The layout of the logits z[c, V] of this dtype with chunks of chunk_rows rows:
+  // vocabulary-major (z^T contiguous; the CPU in float32/float64 with large enough chunks, where
+  // MKL's logits GEMM is fastest so) or row-major.
+  virtual bool vocab_major(at::ScalarType, int64_t /*chunk_rows*/) const { return false; }
+  // Whether the row kernel can fold pass B into the GEMMs for vocabulary-major logits of this
+  // dtype (no softcap; RowChunk::fold).
   virtual bool folds_gradient(at::ScalarType) const { return false; }
   // Raises IndexError naming the first target outside [0, V) that is not ignore_index.
   virtual void check_targets(const at::Tensor& targets, int64_t vocab,
                              int64_t ignore_index) const = 0;
-  // z[c, V] (input dtype, in the layout of vocab_major()) = x[c, D] w[V, D]^T
+  // z[c, V] (input dtype, in the layout of vocab_major) = x[c, D] w[V, D]^T
   virtual void logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) const = 0;
   virtual void rows(const RowChunkTensors& chunk) const = 0;
   // dx[c, D] (input dtype) = g[c, V] w[V, D]

@@ -74,3 +74,11 @@ def corpus(tmp_path):
         (d / f"f{i}.py").write_text("".join(words[j] for j in idx))
     (d / "blob.bin").write_bytes(b"\x00\x01\x02")
     return d
+
+
+@pytest.fixture(params=["vocab", "row"])
+def cpu_layout(request, monkeypatch):
+    """Both CPU layouts of fp32/fp64 logits (by default chosen by chunk size, >= 256 rows:
+    vocabulary-major with the folded gradient; smaller: row-major with pass B)."""
+    monkeypatch.setenv("MTP_EXT_CPU_LAYOUT", request.param)
+    return request.param

@@ -7,6 +7,9 @@ from mtp_ext import reference
 
 from conftest import IGNORE, make_inputs, rel_err
 
+# every test in both CPU layouts of fp32/fp64 logits (conftest.cpu_layout)
+pytestmark = pytest.mark.usefixtures("cpu_layout")
+
 OPTS = [dict(), dict(label_smoothing=0.1, z_loss=0.01, softcap=2.0)]
 
 

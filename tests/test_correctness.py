@@ -9,6 +9,9 @@ from mtp_ext import reference
 
 from conftest import IGNORE, as64, loss_and_grads, make_inputs, norm_err, rel_err
 
+# every test in both CPU layouts of fp32/fp64 logits (conftest.cpu_layout)
+pytestmark = pytest.mark.usefixtures("cpu_layout")
+
 OPTION_SETS = [
     dict(),
     dict(label_smoothing=0.1),

@@ -8,6 +8,9 @@ from mtp_ext import reference
 
 from conftest import IGNORE, as64, loss_and_grads, norm_err, rel_err
 
+# every test in both CPU layouts of fp32/fp64 logits (conftest.cpu_layout)
+pytestmark = pytest.mark.usefixtures("cpu_layout")
+
 
 def mtp_inputs(n, B, T, D, V, dtype=torch.float32, *, seed, per_head=False, bias=False):
     g = torch.Generator().manual_seed(seed)
