@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <optional>
 
 namespace mtp {
 
@@ -42,48 +43,53 @@ struct Pass {
 //   db  += E^T alpha - sum b - scatter_y(t)
 // The same GEMMs as with G, and no second sweep over the chunk.
 struct FoldedGradient {
+  at::Tensor buf;             // [C, 3] acc dtype: the row kernel's (alpha, b, t)
   at::Tensor alpha, b, t, y;  // [c, 1] x 3 and [c] of the current chunk
   bool smoothing = false;     // b != 0
   at::Tensor u;               // [D] or [n, D]: sum of b X per weight
   at::Tensor w_sum;           // sum_j W_j of the weight of head w_sum_head
   int64_t w_sum_head = -1;
 
-  FoldedGradient(const Pass& p, at::ScalarType acc) : smoothing(p.opt.label_smoothing != 0) {
+  FoldedGradient(const Pass& p, int64_t chunk_rows, at::ScalarType acc)
+      : buf(at::empty({chunk_rows, 3}, p.x.options().dtype(acc))),
+        smoothing(p.opt.label_smoothing != 0) {
     if (!smoothing || !p.dw_acc.defined()) return;
     const auto opts = p.x.options().dtype(acc);
     const int64_t D = p.x.size(1);
     u = p.w.dim() == 2 ? at::zeros({D}, opts) : at::zeros({p.w.size(0), D}, opts);
   }
-  void start_chunk(const RowChunkTensors& rc, int64_t vocab) {
+  // Gives the row kernel this chunk's coefficients to fill.
+  void start_chunk(RowChunkTensors& rc, int64_t vocab) {
+    rc.fold = buf.narrow(0, 0, rc.targets.size(0));
     alpha = rc.fold.select(1, 0).unsqueeze(1);
     b = rc.fold.select(1, 1).unsqueeze(1);
     t = rc.fold.select(1, 2).unsqueeze(1);
     y = rc.targets.clamp(0, vocab - 1);  // t = 0 where the target is ignored
   }
   // dx holds E W.
-  void input(const at::Tensor& dx, const at::Tensor& w, int64_t w_head) {
-    const_cast<at::Tensor&>(dx).mul_(alpha);
-    const_cast<at::Tensor&>(dx).addcmul_(t, w.index_select(0, y), -1);
+  void input(at::Tensor dx, const at::Tensor& w, int64_t w_head) {
+    dx.mul_(alpha);
+    dx.addcmul_(t, w.index_select(0, y), -1);
     if (!smoothing) return;
     if (w_sum_head != w_head) {
       w_sum = w.sum(0, false, dx.scalar_type());
       w_sum_head = w_head;
     }
-    const_cast<at::Tensor&>(dx).addcmul_(b, w_sum.unsqueeze(0), -1);
+    dx.addcmul_(b, w_sum.unsqueeze(0), -1);
   }
-  void weight(const DeviceKernels& dev, const at::Tensor& e, const at::Tensor& x,
-              const at::Tensor& dw, int64_t w_head) {
+  void weight(const DeviceKernels& dev, const at::Tensor& e, const at::Tensor& x, at::Tensor dw,
+              int64_t w_head) {
     dev.grad_weight(e, x * alpha, dw);
-    const_cast<at::Tensor&>(dw).index_add_(0, y, x * t, -1);
+    dw.index_add_(0, y, x * t, -1);
     if (u.defined()) (u.dim() == 1 ? u : u.select(0, w_head)).add_((x * b).sum(0));
   }
-  void bias(const at::Tensor& e, const at::Tensor& db) {
-    const_cast<at::Tensor&>(db).add_(at::mv(e.t(), alpha.squeeze(1)));
-    const_cast<at::Tensor&>(db).sub_(b.sum());
-    const_cast<at::Tensor&>(db).index_add_(0, y, t.squeeze(1), -1);
+  void bias(const at::Tensor& e, at::Tensor db) {
+    db.add_(at::mv(e.t(), alpha.squeeze(1)));
+    db.sub_(b.sum());
+    db.index_add_(0, y, t.squeeze(1), -1);
   }
-  void finish(const at::Tensor& dw_acc) {
-    if (u.defined()) const_cast<at::Tensor&>(dw_acc).sub_(u.unsqueeze(-2));
+  void finish(at::Tensor dw_acc) {
+    if (u.defined()) dw_acc.sub_(u.unsqueeze(-2));
   }
 };
 
@@ -102,10 +108,10 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
   const bool vocab_major = dev.vocab_major(store, C);
-  const bool fold = grad && vocab_major && !p.lse_in.defined() && p.opt.softcap == 0 &&
-                    p.opt.vocab_total == 0 && dev.folds_gradient(store);
-  at::Tensor fold_buf = fold ? at::empty({C, 3}, p.x.options().dtype(acc)) : at::Tensor();
-  FoldedGradient folded(p, acc);
+  std::optional<FoldedGradient> folded;
+  if (grad && vocab_major && !p.lse_in.defined() && p.opt.softcap == 0 && p.opt.vocab_total == 0) {
+    folded.emplace(p, C, acc);
+  }
   int64_t acc_head = -1;  // the head whose gradient dw_acc holds (with dw_out)
   auto flush_head = [&] {
     if (p.dw_out.defined() && acc_head >= 0) p.dw_out.select(0, acc_head).copy_(p.dw_acc);
@@ -132,7 +138,7 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     rc.correct = rows(p.correct);
     rc.stats = rows(p.stats);
     rc.argmax = rows(p.argmax);
-    if (fold) rc.fold = fold_buf.narrow(0, 0, c);
+    if (folded) folded->start_chunk(rc, V);
     rc.opt = p.opt;
     rc.row_offset = start;
     rc.write_grad = grad;
@@ -140,11 +146,10 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     if (!grad) continue;
     const at::Tensor& g = rc.z;  // now the gradient, or E when folded
     const int64_t w_head = shared ? 0 : head;
-    if (fold) folded.start_chunk(rc, V);
     if (p.dx.defined()) {
       at::Tensor dx = p.dx.narrow(0, start, c);
       dev.grad_input(g, w, dx);
-      if (fold) folded.input(dx, w, w_head);
+      if (folded) folded->input(dx, w, w_head);
     }
     at::Tensor dw;
     if (p.dw_out.defined()) {
@@ -158,23 +163,23 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
       dw = shared ? p.dw_acc : p.dw_acc.select(0, head);
     }
     if (dw.defined()) {
-      if (fold) {
-        folded.weight(dev, g, x, dw, w_head);
+      if (folded) {
+        folded->weight(dev, g, x, dw, w_head);
       } else {
         dev.grad_weight(g, x, dw);
       }
     }
     if (p.db_acc.defined()) {
       at::Tensor db = p.db_acc.dim() == 1 ? p.db_acc : p.db_acc.select(0, head);
-      if (fold) {
-        folded.bias(g, db);
+      if (folded) {
+        folded->bias(g, db);
       } else {
         db.add_(g.sum(0, /*keepdim=*/false, acc));
       }
     }
   }
   flush_head();
-  if (fold) folded.finish(p.dw_acc);
+  if (folded) folded->finish(p.dw_acc);
 }
 
 // Fills the inputs and gradient outputs shared by forward and backward.

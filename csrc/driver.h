@@ -65,11 +65,9 @@ class DeviceKernels {
   virtual ~DeviceKernels() = default;
   // The layout of the logits z[c, V] of this dtype with chunks of chunk_rows rows:
   // vocabulary-major (z^T contiguous; the CPU in float32/float64 with large enough chunks, where
-  // MKL's logits GEMM is fastest so) or row-major.
+  // MKL's logits GEMM is fastest so) or row-major. A device's vocabulary-major row kernel also
+  // folds pass B into the GEMMs (RowChunk::fold) in the forward with gradients, no softcap.
   virtual bool vocab_major(at::ScalarType, int64_t /*chunk_rows*/) const { return false; }
-  // Whether the row kernel can fold pass B into the GEMMs for vocabulary-major logits of this
-  // dtype (no softcap; RowChunk::fold).
-  virtual bool folds_gradient(at::ScalarType) const { return false; }
   // Raises IndexError naming the first target outside [0, V) that is not ignore_index.
   virtual void check_targets(const at::Tensor& targets, int64_t vocab,
                              int64_t ignore_index) const = 0;

@@ -49,7 +49,7 @@ int as_int(int64_t v) {
 void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) {
   if (z.stride(1) == 1) {
     at::mm_out(const_cast<at::Tensor&>(z), x, w.t());
-  } else {  // vocabulary-major: z^T = w x^T
+  } else {  // vocabulary-major (float32/float64): z^T = w x^T
     at::Tensor zt = z.t();
     at::mm_out(zt, w, x.t());
   }
@@ -66,13 +66,10 @@ void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor
     return;
   }
   const int64_t c = g.size(0), V = g.size(1), D = x.size(1);
-  MixedGemm f = mixed_gemm(t);
-  if (f && (g.stride(0) == 1 || g.stride(1) == 1)) {
-    // g^T is row-major [V, c] when g is vocabulary-major, else g is row-major [c, V]
-    const bool vocab_major = g.stride(0) == 1 && (g.stride(1) != 1 || c == 1);
-    f(kRowMajor, vocab_major ? kNoTrans : kTrans, kNoTrans, as_int(V), as_int(D), as_int(c), 1.f,
-      u16(g), as_int(vocab_major ? std::max<int64_t>(g.stride(1), 1) : g.stride(0)), u16(x),
-      as_int(x.stride(0)), 1.f, dw_acc.data_ptr<float>(), as_int(dw_acc.stride(0)));
+  if (MixedGemm f = mixed_gemm(t)) {
+    f(kRowMajor, kTrans, kNoTrans, as_int(V), as_int(D), as_int(c), 1.f, u16(g),
+      as_int(g.stride(0)), u16(x), as_int(x.stride(0)), 1.f, dw_acc.data_ptr<float>(),
+      as_int(dw_acc.stride(0)));
     return;
   }
   // Fallback: 16-bit GEMMs per vocabulary slab, each slab's product rounded to 16 bits once

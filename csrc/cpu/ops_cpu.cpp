@@ -24,9 +24,6 @@ class CpuKernels final : public DeviceKernels {
     if (force && std::strcmp(force, "row") == 0) return false;
     return chunk_rows >= 256;
   }
-  bool folds_gradient(at::ScalarType t) const override {
-    return t == at::kFloat || t == at::kDouble;
-  }
   void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore) const override {
     const int64_t* t = targets.data_ptr<int64_t>();
     const int64_t R = targets.numel();

@@ -160,7 +160,8 @@ void init_strip(const RowChunk<A, S>& p, const Transform<A>& tf, int64_t r0, Str
   }
 }
 
-// Writes a strip's per-row outputs from its pass A statistics; fills k for pass B.
+// Writes a strip's per-row outputs from its pass A statistics; fills k for pass B, or the
+// folded coefficients.
 template <class A, class S>
 void finish_strip(const RowChunk<A, S>& p, const Strip<A, S>& s, const RunningStats<A>& st,
                   LaneCoef<A>& k) {
@@ -176,19 +177,6 @@ void finish_strip(const RowChunk<A, S>& p, const Strip<A, S>& s, const RunningSt
     const int64_t r = s.r0 + l;
     if (p.fold && l < s.lanes) std::fill(p.fold + 3 * r, p.fold + 3 * r + 3, A(0));
     if (!s.valid[l]) continue;
-    if (p.fold) {
-      // se is relative to ref; the true max m only makes the lse nan when it is nan or inf
-      const RowLoss<A> rl = row_loss(ref_l[l] + (m_l[l] - m_l[l]), se_l[l], sz_l[l], s.z_y[l], o);
-      p.loss[r] = rl.loss;
-      p.lse[r] = rl.lse;
-      p.correct[r] = s.y[l] >= 0 && st.arg[l] == s.y[l] ? A(1) : A(0);
-      const GradCoef<A> g = grad_coef(rl.lse, p.scales[r], o);
-      A* f = p.fold + 3 * r;
-      f[0] = g.a * Math<A>::exp(ref_l[l] - rl.lse);
-      f[1] = g.b;
-      f[2] = g.t;
-      continue;
-    }
     if (p.stats) {
       A* out = p.stats + 4 * r;
       out[0] = m_l[l];
@@ -198,11 +186,22 @@ void finish_strip(const RowChunk<A, S>& p, const Strip<A, S>& s, const RunningSt
       p.argmax[r] = st.arg[l] >= 0 ? st.arg[l] + o.vocab_start : -1;
       continue;
     }
-    const RowLoss<A> rl = row_loss(m_l[l], se_l[l], sz_l[l], s.z_y[l], o);
+    // Folded: se is relative to ref; the true max m only makes the lse nan when it is nan or inf.
+    const A base = p.fold ? ref_l[l] + (m_l[l] - m_l[l]) : m_l[l];
+    const RowLoss<A> rl = row_loss(base, se_l[l], sz_l[l], s.z_y[l], o);
     p.loss[r] = rl.loss;
     p.lse[r] = rl.lse;
     p.correct[r] = s.y[l] >= 0 && st.arg[l] == s.y[l] ? A(1) : A(0);
-    if (p.write_grad) k.set(l, grad_coef(rl.lse, p.scales[r], o));
+    if (!p.write_grad) continue;
+    const GradCoef<A> g = grad_coef(rl.lse, p.scales[r], o);
+    if (p.fold) {
+      A* f = p.fold + 3 * r;
+      f[0] = g.a * Math<A>::exp(ref_l[l] - rl.lse);
+      f[1] = g.b;
+      f[2] = g.t;
+    } else {
+      k.set(l, g);
+    }
   }
 }
 
