@@ -99,6 +99,9 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t V = p.opt.vocab;
   const int64_t N = p.rows_per_head;
   const bool shared = p.w.dim() == 2;
+  // A chunk's rows share one head's weight and bias: with anything per head (weight or bias),
+  // chunks stop at head boundaries.
+  const bool per_head = !shared || (p.bias.defined() && p.bias.dim() == 2);
   const auto acc = acc_type_of(p.x.scalar_type());
   // The workspace holds the logits in the input dtype (fp32 for fp32 inputs; for 16-bit inputs
   // the GEMM rounds them to 16 bits, as PyTorch does, and all arithmetic after it is fp32), and
@@ -119,7 +122,7 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   for (int64_t start = 0, end = 0; start < R; start = end) {
     const int64_t head = start / N;
     end = std::min(R, start + C);
-    if (!shared) end = std::min(end, (head + 1) * N);  // one weight per chunk
+    if (per_head) end = std::min(end, (head + 1) * N);
     const int64_t c = end - start;
     const at::Tensor w = shared ? p.w : p.w.select(0, head);
     const at::Tensor x = p.x.narrow(0, start, c);

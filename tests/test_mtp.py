@@ -137,3 +137,36 @@ def test_mtp_16bit_error_bounded(dtype, per_head):
     assert norm_err(loss, r64) <= 2 * norm_err(r16, r64) + torch.finfo(dtype).eps / 2
     for a, b, r in zip(grads, g16, g64):
         assert norm_err(a, r) <= 2 * norm_err(b, r) + 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk_size", [None, 2, 3, 5], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [None, "shared", "per_head"])
+@pytest.mark.parametrize("weight", ["shared", "per_head"])
+def test_bias_and_weight_per_head_or_shared(weight, bias, reduction, chunk_size, dtype):
+    """Every weight x bias combination, with chunks that span heads (None: one chunk of all
+    rows; 2 and 5 straddle the 3-row heads) and that end on them (3): loss and all gradients
+    against float64."""
+    n, N, D, V = 3, 3, 4, 7
+    g = torch.Generator().manual_seed(100 + n * N)
+    h = torch.randn(n, N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(*((n,) if weight == "per_head" else ()), V, D, generator=g,
+                    dtype=torch.float64)
+    b = None if bias is None else torch.randn(*((n,) if bias == "per_head" else ()), V,
+                                              generator=g, dtype=torch.float64)
+    targets = torch.randint(0, V, (n, N), generator=g)
+    targets[0, 1] = IGNORE  # not a row that a chunk of 2 or 5 carries over a head boundary
+    go = torch.rand(n, N, generator=g, dtype=torch.float64) + 0.5 if reduction == "none" else None
+    kw = dict(shift=False, reduction=reduction, head_weights=[1.0, 0.5, 0.25])
+    cast = lambda t: None if t is None else t.to(dtype)
+    fn = lambda h, w, b: mtp_ext.mtp_loss(h, w, targets, bias=b, chunk_size=chunk_size, **kw)
+    rf = lambda h, w, b: reference.mtp_loss(h, w, targets, bias=b, **kw)
+    loss, grads = loss_and_grads(fn, (cast(h), cast(w), cast(b)), go)
+    ref, rgrads = loss_and_grads(rf, (h, w, b), go)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert rel_err(loss, ref) <= tol
+    for name, a, r in zip(("hidden", "weight", "bias"), grads, rgrads):
+        assert (a is None) == (r is None), name
+        if r is not None:
+            assert rel_err(a, r) <= tol, name
