@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mtp_ext
-from mtp_ext import vocab_parallel
+from mtp_ext import distributed as mdist, vocab_parallel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -82,8 +82,8 @@ class ByteCounter:
 
 def rank_main(rank, a, threads, init_file, result_file):
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=a.ranks)
+    mdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                             world_size=a.ranks)
     h, w, y = make_inputs(a)
     lo, hi = vocab_parallel.vocab_shard(a.vocab)
     ws = w[lo:hi].contiguous()
@@ -98,8 +98,7 @@ def rank_main(rank, a, threads, init_file, result_file):
     if rank == 0:
         torch.save({"median": median, "times": times, "loss": loss, "bytes": counter.bytes},
                    result_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    mdist.shutdown(mdist.DistContext(rank, a.ranks))
 
 
 def main(argv=None):

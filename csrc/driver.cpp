@@ -107,7 +107,8 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   // the GEMM rounds them to 16 bits, as PyTorch does, and all arithmetic after it is fp32), and
   // pass B writes the gradient over them.
   const auto store = p.x.scalar_type();
-  const int64_t C = rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R);
+  const int64_t C =
+      rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R, dev.chunk_row_multiple());
   at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
   const bool vocab_major = dev.vocab_major(store, C);
@@ -185,6 +186,13 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   if (folded) folded->finish(p.dw_acc);
 }
 
+// Every tensor of an op on hidden's device (the Python API checks this too; a direct op call
+// with, say, CPU targets and CUDA hidden would hand host pointers to the device).
+void check_device(const char* name, const at::Tensor& t, const at::Tensor& hidden) {
+  TORCH_CHECK(!t.defined() || t.device() == hidden.device(), "mtp_ext: ", name,
+              " is on ", t.device(), " but hidden is on ", hidden.device());
+}
+
 // Fills the inputs and gradient outputs shared by forward and backward.
 Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
                const std::optional<at::Tensor>& bias, const at::Tensor& targets,
@@ -193,6 +201,9 @@ Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
                int64_t vocab_start = 0, int64_t vocab_total = 0) {
   TORCH_CHECK(hidden.dim() == 3, "mtp_ext: hidden must be [n, N, D], got ", hidden.sizes());
   TORCH_CHECK(weight.dim() == 2 || weight.dim() == 3, "mtp_ext: weight must be [V, D] or [n, V, D]");
+  check_device("weight", weight, hidden);
+  check_device("bias", bias.has_value() ? *bias : at::Tensor(), hidden);
+  check_device("targets", targets, hidden);
   const int64_t n = hidden.size(0), N = hidden.size(1), D = hidden.size(2);
   const auto acc = acc_type_of(hidden.scalar_type());
   Pass p;
@@ -239,9 +250,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients_out(const Pass& p, cons
 
 }  // namespace
 
-int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows) {
-  int64_t c = chunk_rows > 0 ? chunk_rows
-                             : kWorkspaceBudgetBytes / std::max<int64_t>(1, vocab * elem_bytes);
+int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows,
+                       int64_t multiple) {
+  int64_t c = chunk_rows;
+  if (c <= 0) {
+    c = kWorkspaceBudgetBytes / std::max<int64_t>(1, vocab * elem_bytes);
+    if (multiple > 1 && c >= multiple) c -= c % multiple;
+  }
   return std::max<int64_t>(1, std::min(c, std::max<int64_t>(1, total_rows)));
 }
 
@@ -261,6 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto acc_opts = hidden.options().dtype(acc);
   dev.check_targets(p.targets, p.opt.vocab, ignore_index);
 
+  check_device("head_weights", head_weights, hidden);
   const at::Tensor valid = p.targets.view({n, N}) != ignore_index;
   const at::Tensor counts = valid.sum(1);  // [n] int64
   const at::Tensor hw = head_weights.to(acc_opts).view({n, 1});
@@ -300,11 +316,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     int64_t vocab_total) {
   Pass p = make_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
                      chunk_rows, grad_mask, /*want_grad=*/true, vocab_start, vocab_total);
+  check_device("grad_rows", grad_rows, hidden);
+  check_device("lse", lse, hidden);
+  dev.check_targets(p.targets, p.opt.total_vocab(), ignore_index);
   const auto acc = acc_type_of(hidden.scalar_type());
   const int64_t R = p.x.size(0);
   p.scales = grad_rows.to(acc).contiguous().view({R});
   p.lse_in = lse.to(acc).contiguous().view({R});
   run_chunks(dev, p);
+  dev.finish();
   return gradients_out(p, hidden, weight, bias);
 }
 

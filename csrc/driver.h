@@ -68,6 +68,8 @@ class DeviceKernels {
   // MKL's logits GEMM is fastest so) or row-major. A device's vocabulary-major row kernel also
   // folds pass B into the GEMMs (RowChunk::fold) in the forward with gradients, no softcap.
   virtual bool vocab_major(at::ScalarType, int64_t /*chunk_rows*/) const { return false; }
+  // Rows per chunk from the workspace budget are rounded down to a multiple of this (GEMM tiles).
+  virtual int64_t chunk_row_multiple() const { return 1; }
   // Raises IndexError naming the first target outside [0, V) that is not ignore_index.
   virtual void check_targets(const at::Tensor& targets, int64_t vocab,
                              int64_t ignore_index) const = 0;
@@ -105,7 +107,9 @@ std::tuple<at::Tensor, at::Tensor> fused_stats(
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, int64_t ignore_index,
     double softcap, int64_t vocab_start, int64_t vocab_total, int64_t chunk_rows);
 
-// Rows per chunk: chunk_rows if > 0, else as many as fit the workspace budget (64 MiB).
-int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows);
+// Rows per chunk: chunk_rows if > 0, else as many as fit the workspace budget (64 MiB), rounded
+// down to a multiple of `multiple` when the budget holds at least one.
+int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows,
+                       int64_t multiple = 1);
 
 }  // namespace mtp

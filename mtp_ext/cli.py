@@ -73,7 +73,8 @@ def train(args) -> int:
     if summary["rank"] == 0:
         with open(f"{a.out}/summary.json", "w") as f:
             json.dump(summary, f, indent=1)
-    return 0
+    from .distributed import end_rank
+    return end_rank(0)  # checkpoint and summary are written and closed: see end_rank
 
 
 def _add_train(sub):

@@ -1,10 +1,23 @@
 """Data-parallel training of the reference model with torch.distributed: the torchrun
-environment, DDP or FSDP (fully_shard) wrapping, and the rank's share of a global batch.
+environment, DDP or FSDP (fully_shard) wrapping, the rank's share of a global batch, and a
+clean end of a rank.
 The fused loss needs nothing special here: it is an ordinary autograd op inside the model's
-forward, so DDP's gradient all-reduce and FSDP's all-gather / reduce-scatter work around it."""
+forward, so DDP's gradient all-reduce and FSDP's all-gather / reduce-scatter work around it.
+
+Ending a rank (docs/distributed.md, "Ending a rank"): a gloo process group runs worker threads,
+and a worker drops a finished collective's tensors after the caller has seen it complete. If
+the group is still alive when the interpreter finalizes, a worker that must release a tensor
+whose Python object it keeps alive waits for the GIL, is made to exit by the finalizing
+interpreter, and the process aborts ("terminate called without an active exception") after the
+work is done. So the group must be freed before the interpreter ends: `init_process_group`
+imports torch.distributed.nn first (imported later, as DDP does, it binds the live default group
+into its functions' default arguments for good), `shutdown` frees the wrapped model before it
+destroys the group, and `end_rank` covers what torch itself still holds (FSDP)."""
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,15 +52,46 @@ def init_from_env() -> DistContext:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return DistContext(dist.get_rank(), dist.get_world_size(), device)
 
 
+def init_process_group(backend: str, **kwargs):
+    """dist.init_process_group, with torch.distributed.nn imported before it: that module's
+    functions take `group=group.WORLD` as a default argument, evaluated when it is first
+    imported; imported after the group exists (DDP imports it), they hold the group forever and
+    destroy_process_group cannot free it (see the module docstring)."""
+    import torch.distributed.nn  # noqa: F401
+    dist.init_process_group(backend, **kwargs)
+
+
+# Set by wrap(mode="fsdp"): torch keeps the group alive past destroy_process_group (DTensor's
+# sharding and redistribution caches hold FSDP's device mesh, which holds its process groups).
+_group_outlives_shutdown = False
+
+
 def shutdown(ctx: DistContext):
+    """Frees what holds the process group, then destroys it on every rank at once. Call it
+    after the last collective, with the wrapped model and optimizer out of scope."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()  # a wrapped model lives in reference cycles (module hooks): it holds the group
         dist.barrier()  # nobody closes its connections while another rank still reads
         dist.destroy_process_group()
+        gc.collect()
+
+
+def end_rank(code: int = 0) -> int:
+    """The exit of a rank after `shutdown`: returns `code` when the process group is freed (the
+    interpreter can end as usual), else flushes stdout and stderr and leaves with os._exit(code)
+    without finalizing the interpreter: the group's worker threads would meet the finalizing
+    interpreter and abort a finished run. Everything the rank writes (checkpoint, logs) must be
+    written and closed before this call."""
+    if not _group_outlives_shutdown:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def wrap(model: nn.Module, mode: str) -> nn.Module:
@@ -59,6 +103,8 @@ def wrap(model: nn.Module, mode: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
         return DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
+    global _group_outlives_shutdown
+    _group_outlives_shutdown = True
     for blk in list(model.trunk) + list(model.heads):
         fully_shard(blk)
     fully_shard(model)

@@ -2,7 +2,6 @@
 with a deadline: a hung collective fails the test instead of hanging it. The workers live in
 tests/dist_workers.py so that the spawned processes can import them."""
 import os
-import sys
 import tempfile
 import time
 
@@ -23,18 +22,14 @@ def run_ranks(fn, *args, world=2, timeout=240):
 
 
 def _entry(rank, world, init_file, fn, args):
+    """One rank: joins the group, runs fn, and ends as `mtp-ext train` does under torchrun
+    (mtp_ext.distributed: init_process_group, shutdown, end_rank)."""
     import torch
-    import torch.distributed as dist
+    from mtp_ext import distributed as mdist
 
     torch.set_num_threads(1)  # two ranks on two cores
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    mdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                             world_size=world)
     fn(rank, world, *args)
-    dist.barrier()  # no rank tears down its connections while another still reads from them
-    dist.destroy_process_group()
-    # Leave without the interpreter's teardown: about 1 run in 10 of a short worker, gloo's
-    # threads met it and the process aborted ("terminate called without an active exception")
-    # after the test had passed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    mdist.shutdown(mdist.DistContext(rank, world))
+    mdist.end_rank(0)

@@ -111,3 +111,55 @@ def test_torchrun_training_matches_single_process(mode, corpus, tmp_path):
         assert not torch.equal(ckpt4["model"][k], got["model"][k]) or k.endswith("norm.weight")
     summary = json.loads((par / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["parallel"] == mode
+
+
+GROUP_FREED_SCRIPT = """
+import os, sys, torch
+from mtp_ext import distributed as mdist
+from mtp_ext.model import MTPConfig, MTPTransformer
+torch.set_num_threads(1)
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+ctx = mdist.init_from_env()
+model = mdist.wrap(MTPTransformer(MTPConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2,
+                                            n_future=2, max_seq_len=8)), sys.argv[1])
+x = torch.randint(0, 64, (2, 8))
+model(x, x).loss.loss.backward()
+during = threads()
+del model
+mdist.shutdown(ctx)
+print(f"threads before {before} during {during} after {threads()}", flush=True)
+"""
+
+
+def test_ddp_shutdown_frees_the_process_group(tmp_path):
+    """The cause of the abort at exit (mtp_ext.distributed): after shutdown, no gloo worker
+    thread is left for the interpreter's finalization to meet (it fails without the early import
+    of torch.distributed.nn in mdist.init_process_group)."""
+    script = tmp_path / "group_freed.py"
+    script.write_text(GROUP_FREED_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", str(script), "ddp"], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    counts = [tuple(int(w) for w in line.split()[2::2]) for line in r.stdout.splitlines()
+              if line.startswith("threads")]
+    assert len(counts) == 2, r.stdout
+    for before, during, after in counts:
+        assert during > before and after == before, counts
+
+
+EXIT_REPEATS = int(os.environ.get("MTP_EXT_EXIT_REPEATS", "2"))
+
+
+@pytest.mark.parametrize("repeat", range(EXIT_REPEATS))
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_exit_is_clean(mode, repeat, corpus, tmp_path):
+    """A finished `torchrun ... mtp-ext train` exits 0 with its checkpoint in place, every time.
+    CI runs it MTP_EXT_EXIT_REPEATS times per mode (default 2); set it higher to hunt a rare abort."""
+    out = tmp_path / "out"
+    logs = _run(_train_cmd(out, corpus, 2, ["--parallel", mode]), ranks=2)
+    assert "checkpoint:" in logs
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and ckpt["model"]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2

@@ -8,6 +8,10 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+
 #include "../driver.h"
 #include "rows_cuda.h"
 
@@ -15,27 +19,64 @@ namespace mtp::cuda {
 namespace {
 
 template <class A, class S>
-void rows_typed(const RowChunkTensors& c, int* bad_target) {
+void rows_typed(const RowChunkTensors& c, unsigned long long* first_bad) {
   const RowChunk<A, S> p = row_chunk_of<A, S>(c);
   TORCH_CHECK(p.col_z == 1 || p.opt.vocab <= 1, "mtp_ext: the CUDA row kernel takes contiguous rows");
   const cudaError_t err =
-      launch_rows<A, S>(p, c.row_offset, bad_target, at::cuda::getCurrentCUDAStream());
+      launch_rows<A, S>(p, c.row_offset, first_bad, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "mtp_ext: row kernel launch failed: ", cudaGetErrorString(err));
+}
+
+bool stream_is_capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &status);
+  TORCH_CHECK(err == cudaSuccess, "mtp_ext: cudaStreamIsCapturing: ", cudaGetErrorString(err));
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// The 16-bit weight gradient accumulated in fp32: cuBLAS through ATen's out_dtype overload of
+// addmm, whose rule for `self` differs between torch versions (some ask self in the inputs'
+// dtype). Checked on first use: where this torch refuses an fp32 `self` (before any work), the
+// product goes through 16-bit slabs of at most 32 MiB added into the accumulator (cuBLAS still
+// accumulates each slab in fp32; each slab is rounded once, as PyTorch's own dW is).
+// MTP_EXT_CUDA_DW_SLABS=1 forces the slabs (the GPU check runs both).
+void grad_weight_16bit(const at::Tensor& g, const at::Tensor& x, at::Tensor acc) {
+  static std::atomic<int> out_dtype_ok{-1};  // -1: not tried yet, 0: refused, 1: works
+  const char* force = std::getenv("MTP_EXT_CUDA_DW_SLABS");
+  if (!(force && force[0] == '1') && out_dtype_ok.load() != 0) {
+    try {
+      at::addmm_out(acc, acc, g.t(), x, at::kFloat);
+      out_dtype_ok.store(1);
+      return;
+    } catch (const c10::Error&) {
+      if (out_dtype_ok.load() == 1) throw;  // it worked before: a real error
+      out_dtype_ok.store(0);
+    }
+  }
+  const int64_t V = acc.size(0), D = acc.size(1);
+  const int64_t slab = std::max<int64_t>(1, (int64_t(32) << 20) / std::max<int64_t>(1, D * 2));
+  for (int64_t v0 = 0; v0 < V; v0 += slab) {
+    const int64_t vb = std::min(slab, V - v0);
+    acc.narrow(0, v0, vb).add_(at::mm(g.narrow(1, v0, vb).t(), x));
+  }
 }
 
 class CudaKernels final : public DeviceKernels {
  public:
   explicit CudaKernels(const at::Tensor& like)
-      : bad_target_(at::zeros({1}, like.options().dtype(at::kInt))) {}
+      : first_bad_(at::full({1}, -1, like.options().dtype(at::kLong))) {}
 
+  // cuBLAS tiles of 128 rows: a chunk from the budget is rounded down to a multiple of them.
+  int64_t chunk_row_multiple() const override { return 128; }
   // Checked on the device by the row kernels, reported once by finish().
   void check_targets(const at::Tensor&, int64_t, int64_t) const override {}
 
   void logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) const override {
-    at::mm_out(const_cast<at::Tensor&>(z), x, w.t());
+    at::Tensor out = z;
+    at::mm_out(out, x, w.t());
   }
   void rows(const RowChunkTensors& c) const override {
-    int* bad = bad_target_.data_ptr<int>();
+    auto* bad = reinterpret_cast<unsigned long long*>(first_bad_.data_ptr<int64_t>());
     switch (c.z.scalar_type()) {
       case at::kFloat: return rows_typed<float, float>(c, bad);
       case at::kDouble: return rows_typed<double, double>(c, bad);
@@ -45,24 +86,32 @@ class CudaKernels final : public DeviceKernels {
     }
   }
   void grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) const override {
-    at::mm_out(const_cast<at::Tensor&>(dx), g, w);
+    at::Tensor out = dx;
+    at::mm_out(out, g, w);
   }
   void grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw) const override {
-    at::Tensor& acc = const_cast<at::Tensor&>(dw);
-    if (g.scalar_type() == acc.scalar_type()) {
+    if (g.scalar_type() == dw.scalar_type()) {
+      at::Tensor acc = dw;
       acc.addmm_(g.t(), x);
-    } else {  // 16-bit inputs, fp32 output accumulated in place by cuBLAS
-      at::addmm_out(acc, acc, g.t(), x, at::kFloat);
+    } else {  // 16-bit inputs, fp32 accumulator
+      grad_weight_16bit(g, x, dw);
     }
   }
+  // The op's one host synchronisation, outside CUDA graph capture; while a graph is captured
+  // (torch.compile mode="reduce-overhead", torch.cuda.graph), an asynchronous device assert.
   void finish() const override {
-    const int bad = bad_target_.item<int>();  // the op's one host synchronisation
-    TORCH_CHECK_INDEX(bad == 0, "mtp_ext: the target at flattened row ", bad - 1,
+    if (stream_is_capturing()) {
+      at::_assert_async(first_bad_.eq(-1).all(),
+                        "mtp_ext: a target is outside the vocabulary and is not ignore_index");
+      return;
+    }
+    const int64_t bad = first_bad_.item<int64_t>();
+    TORCH_CHECK_INDEX(bad == -1, "mtp_ext: the target at flattened row ", bad,
                       " is outside the vocabulary and is not ignore_index");
   }
 
  private:
-  at::Tensor bad_target_;
+  at::Tensor first_bad_;  // int64 [1]: the first bad row, -1 (all ones, unsigned) when none
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_ce_cuda(

@@ -129,7 +129,7 @@ __device__ __forceinline__ void for_each(S* z, int64_t V, F&& f) {
 
 template <class A, class S, bool kVec>
 __global__ void __launch_bounds__(kThreads, 2) rows_kernel(RowChunk<A, S> p, int64_t row_offset,
-                                                        int* bad_target) {
+                                                        unsigned long long* first_bad) {
   const int64_t r = blockIdx.x;
   const LossOptions& o = p.opt;
   const int64_t V = o.vocab;
@@ -137,7 +137,10 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(RowChunk<A, S> p, int
   const int64_t y_global = p.targets[r];
   const bool ignored = y_global == o.ignore_index;
   const bool bad = !ignored && (y_global < 0 || y_global >= o.total_vocab());
-  if (bad && threadIdx.x == 0) atomicCAS(bad_target, 0, int(row_offset + r + 1));
+  // the smallest bad row wins, whatever the order the blocks run in (as the CPU reports it)
+  if (bad && threadIdx.x == 0) {
+    atomicMin(first_bad, static_cast<unsigned long long>(row_offset + r));
+  }
   if (ignored || bad) {
     if (threadIdx.x == 0) {
       if (p.stats) {
@@ -194,27 +197,27 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(RowChunk<A, S> p, int
 }  // namespace
 
 template <class A, class S>
-cudaError_t launch_rows(const RowChunk<A, S>& p, int64_t row_offset, int* bad_target,
-                        cudaStream_t stream) {
+cudaError_t launch_rows(const RowChunk<A, S>& p, int64_t row_offset,
+                        unsigned long long* first_bad, cudaStream_t stream) {
   if (p.rows == 0) return cudaSuccess;
   constexpr int N = Pack<S>::kN;
   const bool vec = p.opt.vocab % N == 0 && (p.ld_z * int64_t(sizeof(S))) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(p.z) % 16 == 0;
   if (vec) {
-    rows_kernel<A, S, true><<<p.rows, kThreads, 0, stream>>>(p, row_offset, bad_target);
+    rows_kernel<A, S, true><<<p.rows, kThreads, 0, stream>>>(p, row_offset, first_bad);
   } else {
-    rows_kernel<A, S, false><<<p.rows, kThreads, 0, stream>>>(p, row_offset, bad_target);
+    rows_kernel<A, S, false><<<p.rows, kThreads, 0, stream>>>(p, row_offset, first_bad);
   }
   return cudaGetLastError();
 }
 
-template cudaError_t launch_rows<float, float>(const RowChunk<float, float>&, int64_t, int*,
-                                               cudaStream_t);
-template cudaError_t launch_rows<double, double>(const RowChunk<double, double>&, int64_t, int*,
-                                                 cudaStream_t);
-template cudaError_t launch_rows<float, __nv_bfloat16>(const RowChunk<float, __nv_bfloat16>&,
-                                                       int64_t, int*, cudaStream_t);
-template cudaError_t launch_rows<float, __half>(const RowChunk<float, __half>&, int64_t, int*,
-                                                cudaStream_t);
+#define MTP_INSTANTIATE(A, S)                                                         \
+  template cudaError_t launch_rows<A, S>(const RowChunk<A, S>&, int64_t, unsigned long long*, \
+                                         cudaStream_t);
+MTP_INSTANTIATE(float, float)
+MTP_INSTANTIATE(double, double)
+MTP_INSTANTIATE(float, __nv_bfloat16)
+MTP_INSTANTIATE(float, __half)
+#undef MTP_INSTANTIATE
 
 }  // namespace mtp::cuda
