@@ -14,7 +14,7 @@ if [ -z "${CUDA_HOME:-}" ]; then
   [ -f "$CUDA_HOME/include/cuda_runtime.h" ] || CUDA_HOME=/usr/local/cuda
 fi
 export CUDA_HOME
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
 export MAX_JOBS=${MAX_JOBS:-2}
 src=$(mktemp -d)
 git ls-files -z | xargs -0 cp --parents -t "$src"  # a clean copy: the working tree keeps its CPU build

@@ -31,24 +31,45 @@ def loss_and_grads(fn, tensors, grad_out=None, **kw):
               for t in tensors]
     out = fn(*leaves, **kw)
     loss = out.loss if isinstance(out, mtp_ext.MTPLossOutput) else out
-    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss)
     loss.backward(go)
     grads = [None if not (isinstance(t, torch.Tensor) and t.requires_grad) or t.grad is None
-             else t.grad.double() for t in leaves]
-    return loss.detach().double(), grads
+             else t.grad.cpu().double() for t in leaves]
+    return loss.detach().cpu().double(), grads
+
+
+def on(device, *tensors):
+    """The tensors (None stays None) on device."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def _nan_aware(a, b):
+    """(a, b) without the entries where both are nan; None when nan appears in one only."""
+    a, b = a.double().cpu(), b.double().cpu()
+    na, nb = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(na, nb):
+        return None
+    return a[~na], b[~nb]
 
 
 def rel_err(a, b):
-    """max |a - b| / max |b| (absolute where b is all zeros)."""
-    a, b = a.double(), b.double()
+    """max |a - b| / max |b| (absolute where b is all zeros); nan matches nan only."""
+    pair = _nan_aware(a, b)
+    if pair is None:
+        return math.inf
+    a, b = pair
     denom = b.abs().max().item() if b.numel() else 0.0
     diff = (a - b).abs().max().item() if b.numel() else 0.0
     return diff / denom if denom > 0 else diff
 
 
 def norm_err(a, b):
-    """||a - b|| / ||b||: the error measure for 16-bit results, robust to single-ulp outliers."""
-    a, b = a.double(), b.double()
+    """||a - b|| / ||b||: the error measure for 16-bit results, robust to single-ulp outliers;
+    nan matches nan only."""
+    pair = _nan_aware(a, b)
+    if pair is None:
+        return math.inf
+    a, b = pair
     denom = b.norm().item()
     return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
 
@@ -74,6 +95,20 @@ def corpus(tmp_path):
         (d / f"f{i}.py").write_text("".join(words[j] for j in idx))
     (d / "blob.bin").write_bytes(b"\x00\x01\x02")
     return d
+
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
+
+
+@pytest.fixture(params=["cpu-vocab", "cpu-row", pytest.param("cuda", marks=needs_cuda)])
+def device(request, monkeypatch):
+    """The device a test body runs on: the CPU in both layouts of its fp32/fp64 logits
+    (cpu_layout), and CUDA where a device is present. One test body for every device."""
+    if request.param.startswith("cpu-"):
+        monkeypatch.setenv("MTP_EXT_CPU_LAYOUT", request.param[4:])
+        return "cpu"
+    return "cuda"
 
 
 @pytest.fixture(params=["vocab", "row"])

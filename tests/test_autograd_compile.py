@@ -5,18 +5,18 @@ import torch
 import mtp_ext
 from mtp_ext import reference
 
-from conftest import IGNORE, make_inputs, rel_err
+from conftest import IGNORE, make_inputs, on, rel_err
 
-# every test in both CPU layouts of fp32/fp64 logits (conftest.cpu_layout)
-pytestmark = pytest.mark.usefixtures("cpu_layout")
+# every test on every device (conftest.device), or in both CPU layouts of fp32/fp64 logits
+# (conftest.cpu_layout)
 
 OPTS = [dict(), dict(label_smoothing=0.1, z_loss=0.01, softcap=2.0)]
 
 
 @pytest.mark.parametrize("opts", OPTS, ids=["plain", "all-options"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradcheck_linear_cross_entropy(opts, reduction):
-    h, w, b, y = make_inputs(6, 3, 7, torch.float64, seed=3, bias=True)
+def test_gradcheck_linear_cross_entropy(opts, reduction, device):
+    h, w, b, y = on(device, *make_inputs(6, 3, 7, torch.float64, seed=3, bias=True))
     args = [t.requires_grad_() for t in (h, w, b)]
     fn = lambda h, w, b: mtp_ext.linear_cross_entropy(h, w, y, b, reduction=reduction,
                                                      chunk_size=4, **opts)
@@ -24,7 +24,7 @@ def test_gradcheck_linear_cross_entropy(opts, reduction):
 
 
 @pytest.mark.parametrize("per_head", [False, True])
-def test_gradcheck_mtp_loss(per_head):
+def test_gradcheck_mtp_loss(per_head, cpu_layout):
     n, T, D, V = 3, 5, 3, 6
     g = torch.Generator().manual_seed(5)
     h = torch.randn(n, 2, T, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -36,54 +36,56 @@ def test_gradcheck_mtp_loss(per_head):
     assert torch.autograd.gradcheck(fn, (h, w), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
-def _op_args(dtype, reduction, grad, bias=True, per_head=False):
+def _op_args(dtype, reduction, grad, bias=True, per_head=False, device="cpu"):
     n, N, D, V = 2, 5, 4, 9
     g = torch.Generator().manual_seed(7)
-    h = torch.randn(n, N, D, generator=g).to(dtype).requires_grad_(grad)
-    w = torch.randn(*((n,) if per_head else ()), V, D, generator=g).to(dtype).requires_grad_(grad)
-    b = torch.randn(*((n,) if per_head else ()), V, generator=g).to(dtype).requires_grad_(grad) if bias else None
-    t = torch.randint(0, V, (n, N), generator=g)
+    new = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype).requires_grad_(grad)
+    h = new(n, N, D)
+    w = new(*((n,) if per_head else ()), V, D)
+    b = new(*((n,) if per_head else ()), V) if bias else None
+    t = torch.randint(0, V, (n, N), generator=g).to(device)
     t[0, 1] = IGNORE
-    hw = torch.tensor([1.0, 0.5], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    hw = torch.tensor([1.0, 0.5], dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                      device=device)
     return (h, w, b, t, hw, IGNORE, 0.1, 0.01, 2.0, reduction, 3, [grad, grad, grad and bias])
 
 
 @pytest.mark.parametrize("reduction", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("per_head", [False, True])
-def test_opcheck_fused_ce(reduction, dtype, per_head):
-    args = _op_args(dtype, reduction, grad=True, per_head=per_head)
+def test_opcheck_fused_ce(reduction, dtype, per_head, device):
+    args = _op_args(dtype, reduction, grad=True, per_head=per_head, device=device)
     torch.library.opcheck(torch.ops.mtp_ext.fused_ce.default, args)
-    no_grad = _op_args(dtype, reduction, grad=False, bias=False, per_head=per_head)
+    no_grad = _op_args(dtype, reduction, grad=False, bias=False, per_head=per_head, device=device)
     torch.library.opcheck(torch.ops.mtp_ext.fused_ce.default, no_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_fused_ce_backward(dtype):
-    h, w, b, t, hw, ii, ls, zl, cap, _, cr, _ = _op_args(dtype, 0, grad=False)
+def test_opcheck_fused_ce_backward(dtype, device):
+    h, w, b, t, hw, ii, ls, zl, cap, _, cr, _ = _op_args(dtype, 0, grad=False, device=device)
     _, lse, *_ = torch.ops.mtp_ext.fused_ce(h, w, b, t, hw, ii, ls, zl, cap, 0, cr, [False] * 3)
-    grad_rows = torch.rand(t.shape, dtype=lse.dtype)
+    grad_rows = torch.rand(t.shape, dtype=lse.dtype, device=device)
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
         torch.library.opcheck(torch.ops.mtp_ext.fused_ce_backward.default,
                               (grad_rows, h, w, b, t, lse, ii, ls, zl, cap, cr, mask))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_vocab_parallel_ops(dtype):
-    h, w, b, t, hw, ii, ls, zl, cap, _, cr, _ = _op_args(dtype, 0, grad=False)
+def test_opcheck_vocab_parallel_ops(dtype, device):
+    h, w, b, t, hw, ii, ls, zl, cap, _, cr, _ = _op_args(dtype, 0, grad=False, device=device)
     V = w.shape[-2]
     lo, hi = 2, V - 3  # the middle of the vocabulary as one shard
     ws, bs = w[..., lo:hi, :].contiguous(), b[..., lo:hi].contiguous()
     torch.library.opcheck(torch.ops.mtp_ext.fused_ce_stats.default,
                           (h, ws, bs, t, ii, cap, lo, V, cr))
     _, lse, *_ = torch.ops.mtp_ext.fused_ce(h, w, b, t, hw, ii, ls, zl, cap, 0, cr, [False] * 3)
-    grad_rows = torch.rand(t.shape, dtype=lse.dtype)
+    grad_rows = torch.rand(t.shape, dtype=lse.dtype, device=device)
     torch.library.opcheck(torch.ops.mtp_ext.fused_ce_backward.default,
                           (grad_rows, h, ws, bs, t, lse, ii, ls, zl, cap, cr, [True] * 3, lo, V))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_compile_fullgraph(reduction):
+def test_torch_compile_fullgraph(reduction, cpu_layout):
     torch._dynamo.reset()
     n, B, T, D, V = 3, 2, 7, 8, 31
     g = torch.Generator().manual_seed(9)
@@ -117,9 +119,9 @@ def test_torch_compile_fullgraph(reduction):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
 
 
-def test_torch_compile_inductor_forward_backward():
+def test_torch_compile_inductor_forward_backward(device):
     torch._dynamo.reset()
-    h, w, _, y = make_inputs(20, 8, 40, torch.float32, seed=4)
+    h, w, _, y = on(device, *make_inputs(20, 8, 40, torch.float32, seed=4))
     hh = h.clone().requires_grad_()
     fn = torch.compile(lambda h: mtp_ext.linear_cross_entropy(h, w, y, z_loss=1e-3),
                        fullgraph=True)
@@ -132,7 +134,7 @@ def test_torch_compile_inductor_forward_backward():
     torch.testing.assert_close(hh.grad, ref_h.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_no_grad_skips_gradients_and_eval_matches():
+def test_no_grad_skips_gradients_and_eval_matches(cpu_layout):
     h, w, _, y = make_inputs(30, 8, 40, torch.float32, seed=6)
     hh = h.clone().requires_grad_()
     with torch.no_grad():
@@ -146,7 +148,7 @@ def test_no_grad_skips_gradients_and_eval_matches():
     torch.testing.assert_close(a, b.detach())
 
 
-def test_only_weight_requires_grad():
+def test_only_weight_requires_grad(cpu_layout):
     h, w, _, y = make_inputs(30, 8, 40, torch.float32, seed=8)
     ww = w.clone().requires_grad_()
     mtp_ext.linear_cross_entropy(h, ww, y).backward()

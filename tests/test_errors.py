@@ -50,14 +50,21 @@ def test_linear_cross_entropy_errors(impl, change, exc, msg):
     assert msg in str(info.value)
 
 
-def test_target_out_of_range_raised_by_the_op_itself():
-    """Even past the Python checks (as under torch.compile), the op raises IndexError."""
-    h, w, y = inputs()
+@pytest.mark.parametrize("chunk_rows", [0, 2])
+def test_target_out_of_range_raised_by_the_op_itself(device, chunk_rows):
+    """Even past the Python checks (as under torch.compile), each op raises IndexError naming
+    the first bad row, whichever chunk holds it, on every device."""
+    h, w, y = (t.to(device) for t in inputs())
     y = y.clone()
-    y[4] = 99
-    with pytest.raises(IndexError, match="target 99 at flattened row 4"):
-        torch.ops.mtp_ext.fused_ce(h[None], w, None, y[None], torch.ones(1), -100, 0.0, 0.0, 0.0,
-                                   1, 0, [False] * 3)
+    y[3], y[4] = 99, -7
+    hw = torch.ones(1, device=device)
+    with pytest.raises(IndexError, match="flattened row 3 "):
+        torch.ops.mtp_ext.fused_ce(h[None], w, None, y[None], hw, -100, 0.0, 0.0, 0.0, 1,
+                                   chunk_rows, [False] * 3)
+    with pytest.raises(IndexError, match="flattened row 3 "):
+        torch.ops.mtp_ext.fused_ce_backward(torch.ones(1, N, device=device), h[None], w, None,
+                                            y[None], torch.ones(1, N, device=device), -100, 0.0,
+                                            0.0, 0.0, chunk_rows, [True] * 3)
 
 
 def mtp_base():

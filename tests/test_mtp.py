@@ -6,10 +6,10 @@ import torch
 import mtp_ext
 from mtp_ext import reference
 
-from conftest import IGNORE, as64, loss_and_grads, norm_err, rel_err
+from conftest import IGNORE, as64, loss_and_grads, norm_err, on, rel_err
 
-# every test in both CPU layouts of fp32/fp64 logits (conftest.cpu_layout)
-pytestmark = pytest.mark.usefixtures("cpu_layout")
+# every test on every device (conftest.device), or in both CPU layouts of fp32/fp64 logits
+# (conftest.cpu_layout)
 
 
 def mtp_inputs(n, B, T, D, V, dtype=torch.float32, *, seed, per_head=False, bias=False):
@@ -36,28 +36,30 @@ def shifted_targets(labels, n):
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_mtp_against_float64_reference(per_head, reduction, bias):
+def test_mtp_against_float64_reference(per_head, reduction, bias, device):
     n, B, T, D, V = 3, 2, 9, 12, 67
     h, w, b, labels = mtp_inputs(n, B, T, D, V, seed=17 + per_head, per_head=per_head, bias=bias)
     kw = dict(reduction=reduction, head_weights=[1.0, 0.5, 0.25], z_loss=1e-3,
               label_smoothing=0.05, softcap=5.0)
     go = torch.rand(n, B, T, dtype=torch.float64) + 0.5 if reduction == "none" else None
-    fn = lambda h, w, b: mtp_ext.mtp_loss(h, w, labels, bias=b, chunk_size=5, **kw)
+    dev_labels = labels.to(device)
+    fn = lambda h, w, b: mtp_ext.mtp_loss(h, w, dev_labels, bias=b, chunk_size=5, **kw)
     rf = lambda h, w, b: reference.mtp_loss(h, w, labels, bias=b, **kw)
-    loss, grads = loss_and_grads(fn, (h, w, b), go)
+    loss, grads = loss_and_grads(fn, on(device, h, w, b), *on(device, go))
     ref, rgrads = loss_and_grads(rf, (as64(h), as64(w), as64(b)), go)
     assert loss.shape == ref.shape
     assert rel_err(loss, ref) <= 1e-5
     for a, r in zip(grads, rgrads):
         if r is not None:
             assert rel_err(a, r) <= 1e-5
-    out, rout = fn(h, w, b), rf(as64(h), as64(w), as64(b))
-    torch.testing.assert_close(out.head_losses, rout.head_losses.float(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.head_accuracy, rout.head_accuracy.float())
-    assert torch.equal(out.head_tokens, rout.head_tokens)
+    out, rout = fn(*on(device, h, w, b)), rf(as64(h), as64(w), as64(b))
+    torch.testing.assert_close(out.head_losses.cpu(), rout.head_losses.float(), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(out.head_accuracy.cpu(), rout.head_accuracy.float())
+    assert torch.equal(out.head_tokens.cpu(), rout.head_tokens)
 
 
-def test_mtp_equals_sum_of_linear_cross_entropy():
+def test_mtp_equals_sum_of_linear_cross_entropy(cpu_layout):
     n, B, T, D, V = 4, 3, 10, 16, 50
     h, w, _, labels = mtp_inputs(n, B, T, D, V, seed=5)
     hw = torch.tensor([1.0, 0.7, 0.3, 0.2])
@@ -73,7 +75,7 @@ def test_mtp_equals_sum_of_linear_cross_entropy():
     assert torch.equal(out.head_tokens, valid)
 
 
-def test_shift_false_and_list_input_agree_with_shift_true():
+def test_shift_false_and_list_input_agree_with_shift_true(cpu_layout):
     n, B, T, D, V = 3, 2, 8, 8, 40
     h, w, _, labels = mtp_inputs(n, B, T, D, V, seed=8)
     a = mtp_ext.mtp_loss(h, w, labels)
@@ -82,7 +84,7 @@ def test_shift_false_and_list_input_agree_with_shift_true():
     torch.testing.assert_close(a.head_losses, b.head_losses, equal_nan=True)
 
 
-def test_head_k_targets_are_shifted_by_k_plus_1():
+def test_head_k_targets_are_shifted_by_k_plus_1(cpu_layout):
     """A head whose hidden state makes label t+k+1 certain has near-zero loss; other shifts don't."""
     n, T, V, D = 3, 12, 16, 16
     labels = torch.randint(0, V, (1, T), generator=torch.Generator().manual_seed(4))
@@ -99,7 +101,7 @@ def test_head_k_targets_are_shifted_by_k_plus_1():
     assert wrong.head_losses.min() > 1.0
 
 
-def test_head_without_valid_rows_adds_nothing():
+def test_head_without_valid_rows_adds_nothing(cpu_layout):
     n, B, T, D, V = 3, 1, 2, 8, 20  # T = 2: heads 1 and 2 have no target
     h, w, _, _ = mtp_inputs(n, B, T, D, V, seed=1)
     labels = torch.tensor([[3, 7]])
@@ -124,15 +126,16 @@ def test_mtp_loss_module():
 
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mtp_16bit_error_bounded(dtype, per_head):
+def test_mtp_16bit_error_bounded(dtype, per_head, device):
     # per-head: one fp32 accumulator reused head by head (4 chunks per head here)
     n, B, T, D, V = 4, 2, 64, 32, 2053
     h, w, _, labels = mtp_inputs(n, B, T, D, V, seed=21, per_head=per_head)
     h16, w16 = h.to(dtype), w.to(dtype)
-    fn = lambda h, w: mtp_ext.mtp_loss(h, w, labels, chunk_size=37)
-    rf = lambda h, w: reference.mtp_loss(h, w, labels)
-    loss, grads = loss_and_grads(fn, (h16, w16))
-    r16, g16 = loss_and_grads(rf, (h16, w16))
+    dev_labels = labels.to(device)
+    fn = lambda h, w: mtp_ext.mtp_loss(h, w, dev_labels, chunk_size=37)
+    rf = lambda h, w: reference.mtp_loss(h, w, dev_labels if h.is_cuda else labels)
+    loss, grads = loss_and_grads(fn, on(device, h16, w16))
+    r16, g16 = loss_and_grads(rf, on(device, h16, w16))
     r64, g64 = loss_and_grads(rf, (as64(h16), as64(w16)))
     assert norm_err(loss, r64) <= 2 * norm_err(r16, r64) + torch.finfo(dtype).eps / 2
     for a, b, r in zip(grads, g16, g64):
@@ -144,7 +147,7 @@ def test_mtp_16bit_error_bounded(dtype, per_head):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [None, "shared", "per_head"])
 @pytest.mark.parametrize("weight", ["shared", "per_head"])
-def test_bias_and_weight_per_head_or_shared(weight, bias, reduction, chunk_size, dtype):
+def test_bias_and_weight_per_head_or_shared(weight, bias, reduction, chunk_size, dtype, device):
     """Every weight x bias combination, with chunks that span heads (None: one chunk of all
     rows; 2 and 5 straddle the 3-row heads) and that end on them (3): loss and all gradients
     against float64."""
@@ -160,9 +163,10 @@ def test_bias_and_weight_per_head_or_shared(weight, bias, reduction, chunk_size,
     go = torch.rand(n, N, generator=g, dtype=torch.float64) + 0.5 if reduction == "none" else None
     kw = dict(shift=False, reduction=reduction, head_weights=[1.0, 0.5, 0.25])
     cast = lambda t: None if t is None else t.to(dtype)
-    fn = lambda h, w, b: mtp_ext.mtp_loss(h, w, targets, bias=b, chunk_size=chunk_size, **kw)
+    dev_targets = targets.to(device)
+    fn = lambda h, w, b: mtp_ext.mtp_loss(h, w, dev_targets, bias=b, chunk_size=chunk_size, **kw)
     rf = lambda h, w, b: reference.mtp_loss(h, w, targets, bias=b, **kw)
-    loss, grads = loss_and_grads(fn, (cast(h), cast(w), cast(b)), go)
+    loss, grads = loss_and_grads(fn, on(device, cast(h), cast(w), cast(b)), *on(device, go))
     ref, rgrads = loss_and_grads(rf, (h, w, b), go)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert rel_err(loss, ref) <= tol
