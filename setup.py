@@ -54,7 +54,7 @@ def write_build_info(cap, cuda):
 def extension():
     cap = cpu_capability()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden", f"-DMTP_EXT_CPU_CAPABILITY=\"{cap}\""] + CPU_FLAGS[cap]
+    cxx = ["-O3", "-fvisibility=hidden"] + CPU_FLAGS[cap]
     args = dict(name="mtp_ext._C", sources=sources, extra_compile_args={"cxx": cxx},
                 include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True,
                 define_macros=[("Py_LIMITED_API", "0x03090000")])

@@ -31,10 +31,6 @@ class Prepared:
     def n(self) -> int:
         return self.hidden.shape[0]
 
-    @property
-    def vocab(self) -> int:
-        return self.weight.shape[-2]
-
 
 def _check_options(ignore_index, label_smoothing, z_loss, softcap, reduction, chunk_size):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -64,6 +60,11 @@ def _check_tensor(name, t, dims=None):
     if dims is not None and t.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, "
                          f"got shape {tuple(t.shape)}")
+
+
+def _check_hidden_size(name, t):
+    if t.shape[-1] == 0:
+        raise ValueError(f"{name} has a hidden size D of 0: shape {tuple(t.shape)}")
 
 
 def _check_float(name, t):
@@ -138,6 +139,7 @@ def prepare_single(hidden, weight, targets, bias, ignore_index, label_smoothing,
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least 1 dimension [..., D], got a scalar")
     _check_float("hidden", hidden)
+    _check_hidden_size("hidden", hidden)
     _check_tensor("targets", targets)
     _check_targets_dtype("targets", targets)
     _check_weight(hidden, weight, bias, 1, allow_per_head=False)
@@ -176,6 +178,7 @@ def prepare_mtp(hidden, weight, labels, bias, head_weights, ignore_index, label_
         if hidden.dim() < 3:
             raise ValueError(f"hidden must be [n, ..., T, D], got shape {tuple(hidden.shape)}")
     _check_float("hidden", hidden)
+    _check_hidden_size("hidden", hidden)
     n, D = hidden.shape[0], hidden.shape[-1]
     _check_weight(hidden, weight, bias, n, allow_per_head=True)
     _check_tensor("labels", labels)
@@ -185,8 +188,12 @@ def prepare_mtp(hidden, weight, labels, bias, head_weights, ignore_index, label_
     lead = tuple(hidden.shape[1:-1])
     if shift:
         if tuple(labels.shape) != lead:
+            hint = ""
+            if tuple(labels.shape) == tuple(hidden.shape[:-1]):
+                hint = (f"; hidden {tuple(hidden.shape)} reads as n = {n} heads of shape "
+                        f"{lead}: is its head dimension missing? (one head: hidden[None])")
             raise ValueError(f"labels shape {tuple(labels.shape)} must be hidden's [..., T] = "
-                             f"{lead} when shift=True")
+                             f"{lead} when shift=True{hint}")
         check_target_range(labels, vocab or weight.shape[-2], ignore_index, "labels")
         targets = shift_labels(labels.long(), n, ignore_index)
     else:

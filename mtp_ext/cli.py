@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+HELP = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
+
 
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
@@ -80,28 +82,38 @@ def train(args) -> int:
 def _add_train(sub):
     from .train import TrainArgs
     d = TrainArgs()
-    t = sub.add_parser("train", help="train a byte-level MTP model (default corpus: the Python "
-                       "standard library's sources)")
-    t.add_argument("--steps", type=int, default=d.steps)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--seq-len", type=int, default=d.seq_len)
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--warmup", type=int, default=d.warmup)
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--data", default=None, help="a folder of text files (default: the stdlib)")
+    t = sub.add_parser("train", formatter_class=HELP,
+                       help="train a byte-level MTP model (default corpus: the Python standard "
+                       "library's sources)")
+    t.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="sequences per step (the global batch under torchrun)")
+    t.add_argument("--seq-len", type=int, default=d.seq_len, help="bytes per sequence")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    t.add_argument("--warmup", type=int, default=d.warmup,
+                   help="linear warm-up steps, then cosine decay to 10%%")
+    t.add_argument("--seed", type=int, default=d.seed, help="weights and batch sampling")
+    t.add_argument("--data", default=None,
+                   help="a folder of text files (None: the Python standard library's sources)")
     t.add_argument("--out", default=d.out, help="output folder: checkpoint.pt, summary.json")
-    t.add_argument("--loss-impl", default=d.loss_impl, choices=["fused", "reference"])
-    t.add_argument("--eval-every", type=int, default=d.eval_every)
-    t.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    t.add_argument("--loss-impl", default=d.loss_impl, choices=["fused", "reference"],
+                   help="the fused ops or the plain PyTorch loss")
+    t.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="steps between validation losses")
+    t.add_argument("--eval-batches", type=int, default=d.eval_batches,
+                   help="validation batches per evaluation")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT/checkpoint.pt (without it or --resume, an "
+                   "existing checkpoint stops the run)")
     t.add_argument("--parallel", default=d.parallel, choices=["ddp", "fsdp"],
-                   help="data parallelism when started by torchrun (default: %(default)s)")
-    t.add_argument("--d-model", type=int, default=d.d_model)
+                   help="data parallelism when started by torchrun")
+    t.add_argument("--d-model", type=int, default=d.d_model, help="hidden size")
     t.add_argument("--layers", type=int, default=d.layers, help="trunk layers")
-    t.add_argument("--attn-heads", type=int, default=d.attn_heads)
+    t.add_argument("--attn-heads", type=int, default=d.attn_heads, help="attention heads per layer")
     t.add_argument("--n-future", type=int, default=d.n_future, help="prediction heads n")
-    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default)")
 
 
 def generate(args) -> int:
@@ -126,16 +138,18 @@ def generate(args) -> int:
 
 
 def _add_generate(sub):
-    g = sub.add_parser("generate", help="generate text from a `mtp-ext train` checkpoint")
-    g.add_argument("--checkpoint", default="runs/mtp/checkpoint.pt")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g = sub.add_parser("generate", formatter_class=HELP,
+                       help="generate text from a `mtp-ext train` checkpoint")
+    g.add_argument("--checkpoint", default="runs/mtp/checkpoint.pt",
+                   help="written by `mtp-ext train`")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="bytes to generate")
     g.add_argument("--speculative", action="store_true",
                    help="greedy self-speculative decoding with the extra heads")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     g.add_argument("--stop-byte", type=int, default=None, help="stop at this byte value")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
 def main(argv=None) -> int:
@@ -144,20 +158,22 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_generate(sub)
-    b = sub.add_parser("bench", help="time and peak memory of the loss paths, side by side")
+    b = sub.add_parser("bench", formatter_class=HELP,
+                       help="time and peak memory of the loss paths, side by side")
     b.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="numbers of heads n")
     b.add_argument("--rows", type=int, nargs="+", default=[4096],
                    help="rows per head N (batch x sequence)")
     b.add_argument("--hidden", type=int, default=1024, help="hidden size D")
     b.add_argument("--vocab", type=int, nargs="+", default=[32768], help="vocabulary sizes V")
-    b.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
-    b.add_argument("--paths", nargs="+", default=None, help="subset of: fused reference "
+    b.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
+                   help="input dtypes")
+    b.add_argument("--paths", nargs="+", default=None, help="(None: all) subset of: fused reference "
                    "compiled torch_chunked gemm_floor")
     b.add_argument("--per-head", action="store_true", help="one unembedding per head")
     b.add_argument("--forward-only", action="store_true", help="time the forward alone")
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=3, help="timed steps per path (median)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--out", help="also write the tables to this markdown file")
     b.add_argument("--plot", help="write time and peak memory against n, V and N to this PNG "
                    "(needs matplotlib)")

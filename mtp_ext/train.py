@@ -31,9 +31,12 @@ def stdlib_root() -> Path:
 
 
 def _text_files(root: Path, suffixes: Optional[Tuple[str, ...]]) -> List[Path]:
+    """Files under root (not under its own site-packages, dist-packages or __pycache__
+    subfolders: the folders above root do not count)."""
     out = []
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or {"site-packages", "dist-packages", "__pycache__"} & set(p.parts):
+        skip = {"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts)
+        if not p.is_file() or skip:
             continue
         if suffixes is None or p.suffix in suffixes:
             out.append(p)
@@ -66,9 +69,13 @@ def load_corpus(data: Optional[str] = None, val_fraction: float = 0.05):
         cut = min(k for k, _ in texts) + 1
     train = [b for k, b in texts if k >= cut]
     val = [b for k, b in texts if k < cut]
+    if not texts:
+        raise ValueError(f"{what}: no text file found ({len(files)} files, none UTF-8 text "
+                         f"without NUL bytes)")
     if not train or not val:
         raise ValueError(f"{what}: need text files for both training and validation, found "
-                         f"{len(train)} and {len(val)} (of {len(files)} files)")
+                         f"{len(texts)} text file(s): {len(train)} for training and {len(val)} "
+                         f"for validation")
     as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8)
     return as_tensor(train), as_tensor(val), f"{what}: {len(train)} train, {len(val)} validation files"
 
@@ -146,6 +153,7 @@ class TrainArgs:
     eval_every: int = 100
     eval_batches: int = 8
     resume: bool = False
+    overwrite: bool = False  # replace an existing OUT/checkpoint.pt (else: refuse, or --resume)
     d_model: int = 256
     layers: int = 4
     attn_heads: int = 4
@@ -186,8 +194,13 @@ def load_model(path: str) -> Tuple[MTPTransformer, dict]:
     """The model of a checkpoint written by `mtp-ext train`, and the checkpoint dict."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = MTPTransformer(MTPConfig.from_dict(ckpt["config"]))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        config = ckpt["config"]
+    except Exception as e:  # not a torch file, or a torch file of something else
+        raise ValueError(f"{path!r} is not a checkpoint written by `mtp-ext train` "
+                         f"({type(e).__name__}: {e})") from e
+    model = MTPTransformer(MTPConfig.from_dict(config))
     model.load_state_dict(ckpt["model"])
     return model, ckpt
 
@@ -233,6 +246,9 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         raise ValueError(f"corpus too small for --seq-len {a.seq_len}: {train_data.numel()} "
                          f"train and {val_data.numel()} validation bytes")
     ckpt_path = Path(a.out) / CHECKPOINT
+    if ckpt_path.exists() and not (a.resume or a.overwrite):
+        raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run or "
+                         f"--overwrite to replace it")
     gen = torch.Generator().manual_seed(a.seed)
     start = 0
     if a.resume:
@@ -304,7 +320,8 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         f"({summary['tokens_per_second'] / 1e3:.1f}k tok/s), peak RSS "
         f"{summary['peak_rss_mib']:.0f} MiB")
     if first_losses:
-        log(f"step {first_losses['step']} loss {first_losses['loss']:.4f}")
+        log(f"first step ({first_losses['step']}): loss {first_losses['loss']:.4f}, the sum of "
+            f"the {n} heads' losses")
     log("validation  " + "  ".join(f"head {k}: loss {l:.3f} acc {c:.3f}"
                                   for k, (l, c) in enumerate(zip(val_losses, val_acc))))
     log(f"checkpoint: {ckpt_path}")
