@@ -196,12 +196,17 @@ def test_fp16_bf16_logits_error_bounded(V, device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_without_mixed_precision_gemm(dtype, monkeypatch, cpu_layout):
-    """The ATen fallback for torch builds without MKL's mixed GEMM gives the same accuracy."""
+    """The ATen fallback for torch builds without MKL's mixed GEMM gives the same accuracy
+    (and it is the fallback that ran: the op counts the calls of each path)."""
+    calls = torch.ops.mtp_ext._cpu_dw16_gemm_calls
     fast = check_against_f64(dtype, 200, 48, 3001, {}, bias=True, reduction="mean",
                              chunk_size=64, seed=31)
     monkeypatch.setenv("MTP_EXT_DISABLE_MIXED_GEMM", "1")
+    before = calls()
     slow = check_against_f64(dtype, 200, 48, 3001, {}, bias=True, reduction="mean",
                              chunk_size=64, seed=31)
+    after = calls()
+    assert after[0] == before[0] and after[1] > before[1], (before, after)
     assert slow[0] == fast[0]  # same logits GEMM: identical loss
 
 

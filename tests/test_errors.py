@@ -95,3 +95,23 @@ def test_mtp_loss_errors(impl, change, exc, msg):
     with pytest.raises(exc) as info:
         impl.mtp_loss(kw.pop("hidden"), kw.pop("weight"), kw.pop("labels"), **kw)
     assert msg in str(info.value)
+
+
+def test_hidden_size_zero():
+    for impl in (mtp_ext, reference):
+        with pytest.raises(ValueError, match=r"hidden has a hidden size D of 0: shape \(4, 0\)"):
+            impl.linear_cross_entropy(torch.randn(4, 0), torch.randn(10, 0),
+                                      torch.zeros(4, dtype=torch.long))
+        with pytest.raises(ValueError, match="hidden size D of 0"):
+            impl.mtp_loss(torch.randn(2, 1, 5, 0), torch.randn(10, 0),
+                          torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_mtp_loss_without_head_dimension_names_the_likely_cause():
+    h, w = torch.randn(2, 8, D), torch.randn(V, D)
+    labels = torch.randint(0, V, (2, 8))
+    for impl in (mtp_ext, reference):
+        with pytest.raises(ValueError, match=r"is its head dimension missing\? \(one head: "
+                                             r"hidden\[None\]\)"):
+            impl.mtp_loss(h, w, labels)
+        impl.mtp_loss(h[None], w, labels)  # as the hint says

@@ -129,3 +129,49 @@ def test_cli_train_writes_summary(corpus, tmp_path):
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["val_losses"]) == 2 and os.path.isfile(summary["checkpoint"])
+
+
+SMALL_CLI = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--d-model", "32",
+             "--layers", "1", "--attn-heads", "2", "--n-future", "2", "--eval-batches", "1"]
+
+
+def test_cli_refuses_to_overwrite_a_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(corpus), "--out", str(out), *SMALL_CLI]
+    assert cli_main(args) == 0
+    first = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    assert "exists: pass --resume" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == first
+    assert cli_main(args + ["--overwrite", "--seed", "1"]) == 0
+    assert (out / "checkpoint.pt").read_bytes() != first
+
+
+def test_cli_generate_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    for name, content in (("text.pt", b"not a checkpoint"), ("tensor.pt", None)):
+        path = tmp_path / name
+        if content is None:
+            torch.save(torch.ones(3), path)  # a torch file, but not ours
+        else:
+            path.write_bytes(content)
+        assert cli_main(["generate", "--checkpoint", str(path), "--prompt", "x"]) == 2
+        assert "is not a checkpoint written by `mtp-ext train`" in capsys.readouterr().err
+
+
+def test_corpus_under_a_site_packages_path(corpus, tmp_path):
+    """Only the corpus folder's own subfolders named site-packages are skipped, not its parents."""
+    import shutil
+    inside = tmp_path / "venv" / "lib" / "site-packages" / "mydata"
+    shutil.copytree(corpus, inside)
+    (inside / "site-packages").mkdir()
+    (inside / "site-packages" / "skipped.py").write_text("x = 1\n" * 50)
+    tr, va, what = load_corpus(str(inside))
+    tr0, va0, _ = load_corpus(str(corpus))
+    assert torch.equal(tr, tr0) and torch.equal(va, va0), what
+
+
+def test_corpus_without_text_says_so(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01")
+    with pytest.raises(ValueError, match="no text file found"):
+        load_corpus(str(tmp_path))

@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -22,6 +24,9 @@ __attribute__((weak)) void cblas_gemm_f16f16f32(int layout, int transa, int tran
 
 namespace mtp::cpu {
 namespace {
+
+// How many times each 16-bit weight-gradient path ran (gemm_path_calls): tests check which one.
+std::array<std::atomic<int64_t>, 2> g_dw16_calls{};  // MKL mixed, ATen slabs
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 constexpr int64_t kSlabBytes = int64_t(8) << 20;  // temporaries of the fallback path
@@ -67,6 +72,7 @@ void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   }
   const int64_t c = g.size(0), V = g.size(1), D = x.size(1);
   if (MixedGemm f = mixed_gemm(t)) {
+    g_dw16_calls[0].fetch_add(1, std::memory_order_relaxed);
     f(kRowMajor, kTrans, kNoTrans, as_int(V), as_int(D), as_int(c), 1.f, u16(g),
       as_int(g.stride(0)), u16(x), as_int(x.stride(0)), 1.f, dw_acc.data_ptr<float>(),
       as_int(dw_acc.stride(0)));
@@ -74,11 +80,16 @@ void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   }
   // Fallback: 16-bit GEMMs per vocabulary slab, each slab's product rounded to 16 bits once
   // before it is added to the fp32 accumulator.
+  g_dw16_calls[1].fetch_add(1, std::memory_order_relaxed);
   const int64_t s = std::max<int64_t>(16, kSlabBytes / std::max<int64_t>(1, D * x.element_size()));
   for (int64_t v0 = 0; v0 < V; v0 += s) {
     const int64_t len = std::min(s, V - v0);
     dw_acc.narrow(0, v0, len).add_(at::mm(g.narrow(1, v0, len).t(), x));
   }
+}
+
+std::vector<int64_t> dw16_gemm_calls() {
+  return {g_dw16_calls[0].load(), g_dw16_calls[1].load()};
 }
 
 }  // namespace mtp::cpu

@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <vector>
+
 namespace mtp::cpu {
 
 // z[c, V] = x[c, D] w[V, D]^T, in the input dtype (z row-major or vocabulary-major)
@@ -14,5 +16,7 @@ void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z);
 void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx);
 // dw_acc[V, D] (fp32/fp64) += g[c, V]^T x[c, D]
 void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw_acc);
+// Calls of the 16-bit weight-gradient GEMM since the library loaded: {MKL mixed, ATen slabs}.
+std::vector<int64_t> dw16_gemm_calls();
 
 }  // namespace mtp::cpu

@@ -82,6 +82,11 @@ std::tuple<at::Tensor, at::Tensor> fused_ce_stats_cpu(
 
 }  // namespace
 
+// No tensor argument, so no device to dispatch on: the library's one catch-all kernel.
+TORCH_LIBRARY_FRAGMENT(mtp_ext, m) {
+  m.def("_cpu_dw16_gemm_calls() -> int[]", &dw16_gemm_calls);
+}
+
 TORCH_LIBRARY_IMPL(mtp_ext, CPU, m) {
   m.impl("fused_ce", &fused_ce_cpu);
   m.impl("fused_ce_backward", &fused_ce_backward_cpu);
