@@ -3,7 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <optional>
+#include <memory>
 
 namespace mtp {
 
@@ -36,63 +36,6 @@ struct Pass {
   LossOptions opt;
 };
 
-// Folded gradient: the row kernel leaves E_j = exp(z_j - ref) and per row (alpha, b, t) such
-// that G_j = alpha E_j - b - [j == y] t (RowChunk::fold), and the GEMMs take E:
-//   dX_c = alpha (E W) - b sum_j W_j - t W_y
-//   dW  += E^T (alpha X_c) - scatter_y(t X_c) - 1 u^T,  u = sum over all rows of b X
-//   db  += E^T alpha - sum b - scatter_y(t)
-// The same GEMMs as with G, and no second sweep over the chunk.
-struct FoldedGradient {
-  at::Tensor buf;             // [C, 3] acc dtype: the row kernel's (alpha, b, t)
-  at::Tensor alpha, b, t, y;  // [c, 1] x 3 and [c] of the current chunk
-  bool smoothing = false;     // b != 0
-  at::Tensor u;               // [D] or [n, D]: sum of b X per weight
-  at::Tensor w_sum;           // sum_j W_j of the weight of head w_sum_head
-  int64_t w_sum_head = -1;
-
-  FoldedGradient(const Pass& p, int64_t chunk_rows, at::ScalarType acc)
-      : buf(at::empty({chunk_rows, 3}, p.x.options().dtype(acc))),
-        smoothing(p.opt.label_smoothing != 0) {
-    if (!smoothing || !p.dw_acc.defined()) return;
-    const auto opts = p.x.options().dtype(acc);
-    const int64_t D = p.x.size(1);
-    u = p.w.dim() == 2 ? at::zeros({D}, opts) : at::zeros({p.w.size(0), D}, opts);
-  }
-  // Gives the row kernel this chunk's coefficients to fill.
-  void start_chunk(RowChunkTensors& rc, int64_t vocab) {
-    rc.fold = buf.narrow(0, 0, rc.targets.size(0));
-    alpha = rc.fold.select(1, 0).unsqueeze(1);
-    b = rc.fold.select(1, 1).unsqueeze(1);
-    t = rc.fold.select(1, 2).unsqueeze(1);
-    y = rc.targets.clamp(0, vocab - 1);  // t = 0 where the target is ignored
-  }
-  // dx holds E W.
-  void input(at::Tensor dx, const at::Tensor& w, int64_t w_head) {
-    dx.mul_(alpha);
-    dx.addcmul_(t, w.index_select(0, y), -1);
-    if (!smoothing) return;
-    if (w_sum_head != w_head) {
-      w_sum = w.sum(0, false, dx.scalar_type());
-      w_sum_head = w_head;
-    }
-    dx.addcmul_(b, w_sum.unsqueeze(0), -1);
-  }
-  void weight(const DeviceKernels& dev, const at::Tensor& e, const at::Tensor& x, at::Tensor dw,
-              int64_t w_head) {
-    dev.grad_weight(e, x * alpha, dw);
-    dw.index_add_(0, y, x * t, -1);
-    if (u.defined()) (u.dim() == 1 ? u : u.select(0, w_head)).add_((x * b).sum(0));
-  }
-  void bias(const at::Tensor& e, at::Tensor db) {
-    db.add_(at::mv(e.t(), alpha.squeeze(1)));
-    db.sub_(b.sum());
-    db.index_add_(0, y, t.squeeze(1), -1);
-  }
-  void finish(at::Tensor dw_acc) {
-    if (u.defined()) dw_acc.sub_(u.unsqueeze(-2));
-  }
-};
-
 void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t R = p.x.size(0);
   if (R == 0) return;
@@ -102,7 +45,6 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   // A chunk's rows share one head's weight and bias: with anything per head (weight or bias),
   // chunks stop at head boundaries.
   const bool per_head = !shared || (p.bias.defined() && p.bias.dim() == 2);
-  const auto acc = acc_type_of(p.x.scalar_type());
   // The workspace holds the logits in the input dtype (fp32 for fp32 inputs; for 16-bit inputs
   // the GEMM rounds them to 16 bits, as PyTorch does, and all arithmetic after it is fp32), and
   // pass B writes the gradient over them.
@@ -112,9 +54,11 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
   const bool vocab_major = dev.vocab_major(store, C);
-  std::optional<FoldedGradient> folded;
-  if (grad && vocab_major && !p.lse_in.defined() && p.opt.softcap == 0 && p.opt.vocab_total == 0) {
-    folded.emplace(p, C, acc);
+  std::unique_ptr<GradientFold> folded;
+  if (grad) {
+    FoldRequest req{p.x, p.w, p.opt, C, vocab_major, /*forward=*/!p.lse_in.defined(),
+                    /*weight_grad=*/p.dw_acc.defined()};
+    folded = dev.gradient_fold(req);
   }
   int64_t acc_head = -1;  // the head whose gradient dw_acc holds (with dw_out)
   auto flush_head = [&] {
@@ -178,7 +122,7 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
       if (folded) {
         folded->bias(g, db);
       } else {
-        db.add_(g.sum(0, /*keepdim=*/false, acc));
+        db.add_(g.sum(0, /*keepdim=*/false, db.scalar_type()));
       }
     }
   }

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <memory>
 #include <tuple>
 
 #include "common/ce_math.h"
@@ -59,14 +60,46 @@ RowChunk<A, S> row_chunk_of(const RowChunkTensors& c) {
   return p;
 }
 
+class DeviceKernels;
+
+// What the driver tells a device when it asks for a gradient fold (DeviceKernels::gradient_fold).
+struct FoldRequest {
+  const at::Tensor& x;  // [R, D] hidden rows of all heads
+  const at::Tensor& w;  // [V, D] or [n, V, D]
+  const LossOptions& opt;
+  int64_t chunk_rows;
+  bool vocab_major;  // the logits layout of this call (DeviceKernels::vocab_major)
+  bool forward;      // the forward with gradients (the backward recomputes from a given lse)
+  bool weight_grad;  // dW wanted
+};
+
+// A device's way of applying pass B inside the GEMMs instead of over the logits: the row kernel
+// leaves other values than the gradient in z (and coefficients in RowChunk::fold), and these
+// calls turn the products of those values into the gradients. Used by the CPU
+// (csrc/cpu/folded_gradient.h); a device that returns no fold gets the gradient in z.
+class GradientFold {
+ public:
+  virtual ~GradientFold() = default;
+  // Before the row kernel: the chunk's fold coefficients to fill (RowChunkTensors::fold).
+  virtual void start_chunk(RowChunkTensors& chunk, int64_t vocab) = 0;
+  // dx holds z W: turns it into the chunk's input gradient. w_head: the weight's head.
+  virtual void input(at::Tensor dx, const at::Tensor& w, int64_t w_head) = 0;
+  // Adds the chunk's weight gradient to dw, with the device's GEMMs.
+  virtual void weight(const DeviceKernels& dev, const at::Tensor& z, const at::Tensor& x,
+                      at::Tensor dw, int64_t w_head) = 0;
+  // Adds the chunk's bias gradient to db.
+  virtual void bias(const at::Tensor& z, at::Tensor db) = 0;
+  // After the last chunk: what the weight gradient still needs (dw_acc as the driver holds it).
+  virtual void finish(at::Tensor dw_acc) = 0;
+};
+
 // What a device provides. GEMM inputs are row-major with unit inner stride.
 class DeviceKernels {
  public:
   virtual ~DeviceKernels() = default;
   // The layout of the logits z[c, V] of this dtype with chunks of chunk_rows rows:
   // vocabulary-major (z^T contiguous; the CPU in float32/float64 with large enough chunks, where
-  // MKL's logits GEMM is fastest so) or row-major. A device's vocabulary-major row kernel also
-  // folds pass B into the GEMMs (RowChunk::fold) in the forward with gradients, no softcap.
+  // MKL's logits GEMM is fastest so) or row-major.
   virtual bool vocab_major(at::ScalarType, int64_t /*chunk_rows*/) const { return false; }
   // Rows per chunk from the workspace budget are rounded down to a multiple of this (GEMM tiles).
   virtual int64_t chunk_row_multiple() const { return 1; }
@@ -81,8 +114,10 @@ class DeviceKernels {
   // dw_acc[V, D] (float32, or float64) += g[c, V]^T x[c, D]
   virtual void grad_weight(const at::Tensor& g, const at::Tensor& x,
                            const at::Tensor& dw_acc) const = 0;
-  // Called once after the forward's chunks: reports what the kernels found on the device.
+  // Called once after an op's chunks: reports what the kernels found on the device.
   virtual void finish() const {}
+  // A gradient fold for this call, or none (the row kernel then writes the gradient over z).
+  virtual std::unique_ptr<GradientFold> gradient_fold(const FoldRequest&) const { return nullptr; }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_forward(

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "../driver.h"
+#include "folded_gradient.h"
 #include "gemm_cpu.h"
 #include "rows_cpu.h"
 
@@ -50,6 +51,11 @@ class CpuKernels final : public DeviceKernels {
   }
   void grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw) const override {
     gemm_grad_weight(g, x, dw);
+  }
+  // The vocabulary-major row kernel (strips_cpu.cpp) folds pass B into the GEMMs in the forward
+  // with gradients (folded_gradient.h).
+  std::unique_ptr<GradientFold> gradient_fold(const FoldRequest& request) const override {
+    return folded_gradient(request);
   }
 };
 

@@ -24,28 +24,24 @@ namespace {
 constexpr int64_t kBlock = 512;
 
 template <class A>
-struct Block {
-  const A* bias;  // [V] or null
-  A cap, inv_cap;  // cap 0 = off
+struct Block : LogitTransform<A> {
+  using LogitTransform<A>::LogitTransform;
+  using LogitTransform<A>::bias;
 
-  // buf[0, b) = transform(z[j0, j0 + b))
+  // buf[0, b) = transform(z[j0, j0 + b)): LogitTransform, vectorized
   template <class S>
   void load(const S* z, int64_t j0, int64_t b, A* buf) const {
     using Vec = at::vec::Vectorized<A>;
     at::vec::convert(z + j0, buf, b);
-    if (!bias && !(cap > 0)) return;
+    if (!bias && !this->capped()) return;
     int64_t j = 0;
     for (; j + Vec::size() <= b; j += Vec::size()) {
       Vec v = Vec::loadu(buf + j);
       if (bias) v = v + Vec::loadu(bias + j0 + j);
-      if (cap > 0) v = softcap_forward(v, cap, inv_cap);
+      if (this->capped()) v = softcap_forward(v, this->cap, this->inv_cap);
       v.store(buf + j);
     }
-    for (; j < b; ++j) buf[j] = scalar(buf[j], j0 + j);
-  }
-  A scalar(A x, int64_t j) const {
-    if (bias) x += bias[j];
-    return cap > 0 ? softcap_forward(x, cap, inv_cap) : x;
+    for (; j < b; ++j) buf[j] = (*this)(buf[j], j0 + j);
   }
 };
 
@@ -96,7 +92,7 @@ std::pair<A, A> block_sums(const A* buf, int64_t b, A m, bool want_sum) {
 template <class A, class S>
 A* view_block(S* z, int64_t j0, int64_t b, A* buf, const Block<A>& tf) {
   if constexpr (std::is_same_v<A, S>) {
-    if (!tf.bias && !(tf.cap > 0)) return z + j0;
+    if (!tf.bias && !tf.capped()) return z + j0;
   }
   tf.load(z, j0, b, buf);
   return buf;
@@ -165,9 +161,8 @@ void row_gradient_from_exp(A* e, int64_t V, int64_t y, const GradCoef<A>& k, con
 template <class A, class S>
 void row_gradient(S* z, int64_t V, int64_t y, A z_y, const GradCoef<A>& k, const Block<A>& tf) {
   constexpr int64_t L = Vec<A>::size();
-  const bool cap = tf.cap > 0;
-  const A f_y = cap ? softcap_derivative(z_y, tf.inv_cap) : A(1);
-  const A target_term = grad_target_term(k, f_y);
+  const bool cap = tf.capped();
+  const A target_term = grad_target_term(k, tf.derivative(z_y));
   alignas(64) A buf[kBlock];
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t b = std::min(kBlock, V - j0);
@@ -181,7 +176,7 @@ void row_gradient(S* z, int64_t V, int64_t y, A z_y, const GradCoef<A>& k, const
     }
     for (int64_t j = bv; j < b; ++j) {
       A g = grad_from_logit(buf[j], k);
-      buf[j] = cap ? g * softcap_derivative(buf[j], tf.inv_cap) : g;
+      buf[j] = g * tf.derivative(buf[j]);
     }
     if (y >= j0 && y < j0 + b) buf[y - j0] -= target_term;
     at::vec::convert(buf, z + j0, b);
@@ -195,19 +190,13 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
   const int64_t V = o.vocab;
   S* z = p.z + r * p.ld_z;
   if (p.targets[r] == o.ignore_index) {
-    if (p.stats) {
-      std::fill(p.stats + 4 * r, p.stats + 4 * r + 4, A(0));
-      p.argmax[r] = -1;
-    } else if (!p.lse_in) {
-      p.loss[r] = p.lse[r] = p.correct[r] = A(0);
-    }
+    write_ignored_row(p, r);
     if (p.write_grad) std::fill(z, z + V, S(0));
     return;
   }
   const int64_t y = o.local_target(p.targets[r]);  // -1: in another vocabulary shard
-  const A cap = A(o.softcap);
-  const Block<A> tf{p.bias, cap, cap > 0 ? A(1) / cap : A(0)};
-  const A z_y = y >= 0 ? tf.scalar(A(z[y]), y) : A(0);
+  const Block<A> tf(p);
+  const A z_y = y >= 0 ? tf(A(z[y]), y) : A(0);
   if (p.lse_in) {
     row_gradient(z, V, y, z_y, grad_coef(p.lse_in[r], p.scales[r], o), tf);
     return;
@@ -216,7 +205,7 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
   // index of the maximum, found in the block that raised it). With float32/float64 storage and
   // no softcap, the exponentials are kept in place for pass B.
   constexpr bool kSameType = std::is_same_v<A, S>;
-  const bool store_exp = kSameType && p.write_grad && !(cap > 0);
+  const bool store_exp = kSameType && p.write_grad && !tf.capped();
   alignas(64) A buf[kBlock];
   A m = row_max_start<A>(), se = 0, sz = 0;
   int64_t arg = -1;
@@ -241,21 +230,9 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
       sz += bsz;
     }
   }
-  if (p.stats) {
-    A* st = p.stats + 4 * r;
-    st[0] = m;
-    st[1] = se;
-    st[2] = sz;
-    st[3] = z_y;
-    p.argmax[r] = arg >= 0 ? arg + o.vocab_start : -1;
-    return;
-  }
-  const RowLoss<A> rl = row_loss(m, se, sz, z_y, o);
-  p.loss[r] = rl.loss;
-  p.lse[r] = rl.lse;
-  p.correct[r] = y >= 0 && arg == y ? A(1) : A(0);
-  if (!p.write_grad) return;
-  const GradCoef<A> k = grad_coef(rl.lse, p.scales[r], o);
+  const A lse = write_row_outputs(p, r, y, m, m, se, sz, z_y, arg);
+  if (!p.write_grad) return;  // (statistics mode never writes the gradient)
+  const GradCoef<A> k = grad_coef(lse, p.scales[r], o);
   if (store_exp) {
     row_gradient_from_exp(same_type_or_null<A>(z), V, y, k, block_max_seen);
   } else {

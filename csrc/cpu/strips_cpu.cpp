@@ -19,9 +19,9 @@ namespace mtp {
 namespace cpu {
 namespace {
 
-// Float32/float64 logits are vocabulary-major on the CPU (the logits GEMM z^T = W x^T is the
-// fastest layout on MKL, ~10% faster than z = X W^T at the reference shape): logit j of row r
-// is z[r + j * col_z]. The kernel works on strips of L = Vec<A>::size() consecutive rows, one
+// Float32/float64 logits in chunks of 256 rows or more are vocabulary-major on the CPU (the
+// logits GEMM z^T = W x^T is MKL's fastest layout there, ~10% faster than z = X W^T at the
+// reference shape; ops_cpu.cpp): logit j of row r is z[r + j * col_z]. The kernel works on strips of L = Vec<A>::size() consecutive rows, one
 // row per SIMD lane, walking the vocabulary in blocks of kBlock entries (a block of one
 // thread's rows stays in L1/L2).
 template <class A>
@@ -46,19 +46,15 @@ void store(const Vec<A>& v, S* p, int64_t lanes) {
   }
 }
 
-// Bias and softcap of a logit (vocabulary entry j).
+// Bias and softcap of the lanes' logits of vocabulary entry j (LogitTransform on vectors).
 template <class A>
-struct Transform {
-  const A* bias;  // [V] or null
-  A cap, inv_cap;  // cap 0 = off
+struct Transform : LogitTransform<A> {
+  using LogitTransform<A>::LogitTransform;
+  using LogitTransform<A>::operator();
 
   Vec<A> operator()(Vec<A> v, int64_t j) const {
-    if (bias) v = v + Vec<A>(bias[j]);
-    return cap > 0 ? softcap_forward(v, cap, inv_cap) : v;
-  }
-  A operator()(A x, int64_t j) const {
-    if (bias) x += bias[j];
-    return cap > 0 ? softcap_forward(x, cap, inv_cap) : x;
+    if (this->bias) v = v + Vec<A>(this->bias[j]);
+    return this->capped() ? softcap_forward(v, this->cap, this->inv_cap) : v;
   }
 };
 
@@ -106,7 +102,7 @@ struct LaneGrad {
     for (int64_t l = 0; l < L; ++l) {
       const bool has = s.valid[l] && s.y[l] >= 0;
       y_l[l] = has ? A(s.y[l]) : A(-1);
-      const A f_y = tf.cap > 0 ? softcap_derivative(s.z_y[l], tf.inv_cap) : A(1);
+      const A f_y = tf.derivative(s.z_y[l]);
       t_l[l] = has ? grad_target_term(GradCoef<A>{k.lse[l], k.a[l], k.b[l], k.t[l]}, f_y) : A(0);
     }
     lse = Vec<A>::loadu(k.lse);
@@ -149,14 +145,7 @@ void init_strip(const RowChunk<A, S>& p, const Transform<A>& tf, int64_t r0, Str
     s.y[l] = ok ? o.local_target(p.targets[r0 + l]) : -1;
     s.z_y[l] = s.y[l] >= 0 ? tf(A(*(s.at(s.y[l]) + l)), s.y[l]) : A(0);
     s.all_valid &= ok;
-    if (ok || l >= s.lanes) continue;
-    const int64_t r = r0 + l;
-    if (p.stats) {
-      std::fill(p.stats + 4 * r, p.stats + 4 * r + 4, A(0));
-      p.argmax[r] = -1;
-    } else if (!p.lse_in) {
-      p.loss[r] = p.lse[r] = p.correct[r] = A(0);
-    }
+    if (!ok && l < s.lanes) write_ignored_row(p, r0 + l);
   }
 }
 
@@ -177,26 +166,15 @@ void finish_strip(const RowChunk<A, S>& p, const Strip<A, S>& s, const RunningSt
     const int64_t r = s.r0 + l;
     if (p.fold && l < s.lanes) std::fill(p.fold + 3 * r, p.fold + 3 * r + 3, A(0));
     if (!s.valid[l]) continue;
-    if (p.stats) {
-      A* out = p.stats + 4 * r;
-      out[0] = m_l[l];
-      out[1] = se_l[l];
-      out[2] = sz_l[l];
-      out[3] = s.z_y[l];
-      p.argmax[r] = st.arg[l] >= 0 ? st.arg[l] + o.vocab_start : -1;
-      continue;
-    }
     // Folded: se is relative to ref; the true max m only makes the lse nan when it is nan or inf.
     const A base = p.fold ? ref_l[l] + (m_l[l] - m_l[l]) : m_l[l];
-    const RowLoss<A> rl = row_loss(base, se_l[l], sz_l[l], s.z_y[l], o);
-    p.loss[r] = rl.loss;
-    p.lse[r] = rl.lse;
-    p.correct[r] = s.y[l] >= 0 && st.arg[l] == s.y[l] ? A(1) : A(0);
-    if (!p.write_grad) continue;
-    const GradCoef<A> g = grad_coef(rl.lse, p.scales[r], o);
+    const A lse = write_row_outputs(p, r, s.y[l], m_l[l], base, se_l[l], sz_l[l], s.z_y[l],
+                                    st.arg[l]);
+    if (!p.write_grad) continue;  // (statistics mode never writes the gradient)
+    const GradCoef<A> g = grad_coef(lse, p.scales[r], o);
     if (p.fold) {
       A* f = p.fold + 3 * r;
-      f[0] = g.a * Math<A>::exp(ref_l[l] - rl.lse);
+      f[0] = g.a * Math<A>::exp(ref_l[l] - lse);
       f[1] = g.b;
       f[2] = g.t;
     } else {
@@ -240,15 +218,14 @@ void process_strips(const RowChunk<A, S>& p, int64_t first, int64_t last) {
   const LossOptions& o = p.opt;
   const int64_t V = o.vocab;
   const int64_t count = last - first;
-  const A cap = A(o.softcap);
-  const Transform<A> tf{p.bias, cap, cap > 0 ? A(1) / cap : A(0)};
+  const Transform<A> tf(p);
   std::vector<Strip<A, S>> strips(count);
   std::vector<LaneCoef<A>> coef(count);
   for (int64_t i = 0; i < count; ++i) init_strip(p, tf, (first + i) * L, strips[i]);
   // Folded gradient (forward with gradients, no softcap): pass A leaves the exponentials
   // against the rows' references and the coefficients; there is no pass B.
   const bool fold = p.fold != nullptr;
-  TORCH_CHECK(!fold || (p.write_grad && !p.lse_in && !(cap > 0)),
+  TORCH_CHECK(!fold || (p.write_grad && !p.lse_in && !tf.capped()),
               "mtp_ext: a folded gradient needs a forward with gradients and no softcap");
   if (p.lse_in) {  // backward recompute: pass B only, from the given lse
     for (int64_t i = 0; i < count; ++i) {
@@ -323,7 +300,7 @@ void process_strips(const RowChunk<A, S>& p, int64_t first, int64_t last) {
   std::vector<LaneGrad<A>> lg;
   lg.reserve(count);
   for (int64_t i = 0; i < count; ++i) lg.emplace_back(strips[i], coef[i], tf);
-  const bool cap_on = cap > 0;
+  const bool cap_on = tf.capped();
   for (int64_t j = 0; j < V; ++j) {
     for (int64_t i = 0; i < count; ++i) {
       const Strip<A, S>& s = strips[i];

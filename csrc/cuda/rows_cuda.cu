@@ -99,16 +99,6 @@ __device__ Running<A> block_merge(Running<A> r) {
   return r;  // valid in thread 0
 }
 
-template <class A>
-struct Transform {
-  const A* bias;
-  A cap, inv_cap;
-  __device__ __forceinline__ A operator()(A x, int64_t j) const {
-    if (bias) x += bias[j];
-    return cap > A(0) ? softcap_forward(x, cap, inv_cap) : x;
-  }
-};
-
 // Calls f(element, j) for the row's elements j owned by this thread, in increasing j, with
 // 16-byte packs when the row allows it; kWrite stores the elements back.
 template <bool kVec, bool kWrite, class S, class F>
@@ -142,21 +132,13 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(RowChunk<A, S> p, int
     atomicMin(first_bad, static_cast<unsigned long long>(row_offset + r));
   }
   if (ignored || bad) {
-    if (threadIdx.x == 0) {
-      if (p.stats) {
-        for (int i = 0; i < 4; ++i) p.stats[4 * r + i] = A(0);
-        p.argmax[r] = -1;
-      } else if (!p.lse_in) {
-        p.loss[r] = p.lse[r] = p.correct[r] = A(0);
-      }
-    }
+    if (threadIdx.x == 0) write_ignored_row(p, r);
     if (p.write_grad) {
       for_each<kVec, true>(z, V, [](S& v, int64_t) { v = from_acc<S>(A(0)); });
     }
     return;
   }
-  const A cap = A(o.softcap);
-  const Transform<A> tf{p.bias, cap, cap > A(0) ? A(1) / cap : A(0)};
+  const LogitTransform<A> tf(p);
   __shared__ A row_lse;
   const int64_t y = o.local_target(y_global);  // -1: in another vocabulary shard
   const A z_y = y >= 0 ? tf(to_acc(z[y]), y) : A(0);
@@ -166,29 +148,18 @@ __global__ void __launch_bounds__(kThreads, 2) rows_kernel(RowChunk<A, S> p, int
     Running<A> run{row_max_start<A>(), A(0), A(0), -1};
     for_each<kVec, false>(z, V, [&](S& v, int64_t j) { push(run, tf(to_acc(v), j), j); });
     run = block_merge(run);
-    if (threadIdx.x == 0 && p.stats) {
-      A* st = p.stats + 4 * r;
-      st[0] = run.max;
-      st[1] = run.sum_exp;
-      st[2] = run.sum_z;
-      st[3] = z_y;
-      p.argmax[r] = run.arg >= 0 ? run.arg + o.vocab_start : -1;
-    } else if (threadIdx.x == 0) {
-      const RowLoss<A> rl = row_loss(run.max, run.sum_exp, run.sum_z, z_y, o);
-      p.loss[r] = rl.loss;
-      p.lse[r] = rl.lse;
-      p.correct[r] = y >= 0 && run.arg == y ? A(1) : A(0);
-      row_lse = rl.lse;
+    if (threadIdx.x == 0) {
+      row_lse = write_row_outputs(p, r, y, run.max, run.max, run.sum_exp, run.sum_z, z_y, run.arg);
     }
   }
   if (!p.write_grad) return;
   __syncthreads();
   const GradCoef<A> k = grad_coef(row_lse, p.scales[r], o);
-  const A target_term = grad_target_term(k, cap > A(0) ? softcap_derivative(z_y, tf.inv_cap) : A(1));
+  const A target_term = grad_target_term(k, tf.derivative(z_y));
   for_each<kVec, true>(z, V, [&](S& v, int64_t j) {
     const A x = tf(to_acc(v), j);
     A g = grad_from_logit(x, k);
-    if (cap > A(0)) g *= softcap_derivative(x, tf.inv_cap);
+    if (tf.capped()) g *= tf.derivative(x);
     if (j == y) g -= target_term;
     v = from_acc<S>(g);
   });
