@@ -1,5 +1,5 @@
 """Fused loss time against chunk_size at V = 128256 (n = 4, N = 512, D = 1024), bf16 and fp32,
-forward+backward, median of 3: python bench/chunk_size_experiment.py (results in RESULTS.md)."""
+forward+backward, median of 3: python bench/chunk_size_experiment.py prints the times."""
 import statistics, time, torch, mtp_ext
 from mtp_ext import benchmark as B
 for dt in ("bf16", "fp32"):

@@ -2,9 +2,9 @@
 
     pytest bench/ --benchmark-only [--benchmark-save=NAME] [--benchmark-compare]
 
-Grid (issue 6): n in {1, 2, 4, 8}; V in {32768, 128256}; fp32 and bf16; shared and per-head
+Grid: n in {1, 2, 4, 8}; V in {32768, 128256}; fp32 and bf16; shared and per-head
 unembedding; forward only and forward+backward; D = 1024. Rows per head: N = 4096 at V = 32768
-(design.md's CPU reference shape) and N = 1024 at V = 128256, so that rows x V, the work of one
+(docs/design.md's CPU reference shape) and N = 1024 at V = 128256, so that rows x V, the work of one
 head, stays about the same (the full vocabulary at N = 4096 would take about four times as long
 on 2 cores). Each case is one benchmark group, its five paths side by side; each path's peak
 memory, measured in a fresh process, is in the benchmark's extra_info (so in the saved JSON).

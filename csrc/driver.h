@@ -1,4 +1,4 @@
-// The chunking driver of design.md, one for every device: it walks the rows of all heads in
+// The chunking driver of docs/design.md, one for every device: it walks the rows of all heads in
 // chunks that fit the workspace budget and calls the device's GEMMs and row kernels.
 #pragma once
 

@@ -14,15 +14,48 @@ HELP = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """The CPU (model, and whether it has AMX and AVX512-BF16: the bf16 GEMMs differ), threads,
+    GPU and torch."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            lines = f.read().splitlines()
+        cpu = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
+        flags = set(next(l for l in lines if l.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
         pass
+    has = lambda f: "yes" if f in flags else "no"
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {torch.get_num_threads()} threads{gpu}; torch {torch.__version__}, "
+    return (f"{cpu} (AMX {has('amx_bf16')}, AVX512-BF16 {has('avx512_bf16')}), "
+            f"{torch.get_num_threads()} threads{gpu}; torch {torch.__version__}, "
             f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def _commit() -> str:
+    """The git commit of this source tree ("+changes" when it differs from it), or "unknown"."""
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" +changes" if dirty else "")
+
+
+BENCH_METHOD = """\
+- time: median of `--repeats` runs after a warm-up run. The GEMM floor (per head: `X W^T`,
+  `G W`, `G^T X` in the input dtype, the products the loss must do) is timed before and after
+  the other paths in the same process; the other paths are divided by it.
+- peak memory: rise of the peak resident set over one warm step, in a fresh process per path
+  (on CUDA: `torch.cuda.max_memory_allocated`), so it includes the gradients that the step
+  returns (dH: n x N x D, dW: V x D, in the input dtype).
+- paths: fused = `mtp_ext.mtp_loss`; reference = `mtp_ext.reference.mtp_loss` (eager PyTorch,
+  full logits per head); compiled = the reference under `torch.compile`; torch_chunked =
+  PyTorch's `F.linear_cross_entropy` (one call per head)."""
 
 
 def bench(args) -> int:
@@ -36,8 +69,9 @@ def bench(args) -> int:
         print(f"wrote {args.plot} from {len(results)} cases")
         return 0
     heads = args.heads
-    out = [f"# mtp-ext bench, {datetime.date.today().isoformat()}",
-           f"machine: {_machine()}", f"command: mtp-ext {' '.join(args.argv)}", ""]
+    out = ["# Benchmark results", "",
+           f"Written by `mtp-ext {' '.join(args.argv)}` on {datetime.date.today().isoformat()}, "
+           f"commit {_commit()}.", "", f"Machine: {_machine()}.", "", BENCH_METHOD, ""]
     print("\n".join(out), flush=True)
     results = []
     for dtype in args.dtype:
@@ -113,7 +147,8 @@ def _add_train(sub):
     t.add_argument("--layers", type=int, default=d.layers, help="trunk layers")
     t.add_argument("--attn-heads", type=int, default=d.attn_heads, help="attention heads per layer")
     t.add_argument("--n-future", type=int, default=d.n_future, help="prediction heads n")
-    t.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch threads (None: torch's default)")
 
 
 def generate(args) -> int:
@@ -165,10 +200,10 @@ def main(argv=None) -> int:
                    help="rows per head N (batch x sequence)")
     b.add_argument("--hidden", type=int, default=1024, help="hidden size D")
     b.add_argument("--vocab", type=int, nargs="+", default=[32768], help="vocabulary sizes V")
-    b.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
-                   help="input dtypes")
-    b.add_argument("--paths", nargs="+", default=None, help="(None: all) subset of: fused reference "
-                   "compiled torch_chunked gemm_floor")
+    b.add_argument("--dtype", nargs="+", default=["fp32", "bf16"],
+                   choices=["fp32", "bf16", "fp16"], help="input dtypes")
+    b.add_argument("--paths", nargs="+", default=None,
+                   help="(None: all) subset of: fused reference compiled torch_chunked gemm_floor")
     b.add_argument("--per-head", action="store_true", help="one unembedding per head")
     b.add_argument("--forward-only", action="store_true", help="time the forward alone")
     b.add_argument("--repeats", type=int, default=3, help="timed steps per path (median)")

@@ -9,7 +9,7 @@ another shard holds the target) and the argmax. Three all-reduces combine them, 
 row and never logits:
     MAX of the max (4 bytes/row in fp32), SUM of (rescaled sum of exp, sum of z, z_target)
     (12 bytes/row), MIN of the global argmax candidates (8 bytes/row).
-The loss of each row then follows design.md with the global lse and V. Backward recomputes the
+The loss of each row then follows docs/design.md with the global lse and V. Backward recomputes the
 shard's logits chunk by chunk (torch.ops.mtp_ext.fused_ce_backward with the global lse) and
 all-reduces the gradient of hidden (D values per row); the weight and bias gradients of a shard
 stay on their rank. That is 4 GEMMs per row on each shard against 3 without sharding: the
@@ -87,7 +87,7 @@ class ShardedRows(torch.autograd.Function):
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         sum_exp, sum_z, z_target = sums.unbind(-1)
         valid = targets != ignore_index
-        # design.md, "Loss of one row" (csrc/common/ce_math.h row_loss), with the global lse
+        # docs/design.md, "Loss of one row" (csrc/common/ce_math.h row_loss), with the global lse
         # and V; ignored rows have loss 0.
         lse = torch.where(valid, row_max + torch.log(sum_exp), 0.0)
         eps = label_smoothing

@@ -1,4 +1,4 @@
-"""Every bad input of design.md gives a clear Python exception naming the argument and value,
+"""Every bad input of docs/design.md gives a clear Python exception naming the argument and value,
 from both the fused and the reference path."""
 import pytest
 import torch

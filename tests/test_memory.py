@@ -22,7 +22,7 @@ def extra_over_gradients(path, n, dtype):
 def test_fused_peak_memory_is_flat_and_within_budget(dtype):
     extra = {}
     for n in (1, 4):
-        # outputs: the gradients, and for 16-bit inputs the fp32 accumulator of dW (design.md)
+        # outputs: the gradients, and for 16-bit inputs the fp32 accumulator of dW (docs/design.md)
         extra[n] = extra_over_gradients("fused", n, dtype) - (V * D * 4 if dtype == "bf16" else 0)
         logits_bytes = n * N * V * 4
         assert logits_bytes >= 4 * BUDGET

@@ -1,4 +1,4 @@
-// The maths of one row of the fused linear cross-entropy (design.md, "Loss of one row" and
+// The maths of one row of the fused linear cross-entropy (docs/design.md, "Loss of one row" and
 // "Gradient"), written once for every device. No torch header: nvcc compiles this anywhere.
 //
 // T is the element type a kernel works on: a scalar (float, double) on CUDA and in scalar tails,
@@ -86,7 +86,7 @@ MTP_HD RowLoss<A> row_loss(A max_z, A sum_exp, A sum_z, A z_target, const LossOp
 }
 
 // The gradient of a row is G_j = f_j * (exp(z_j - lse) * a - b) - [j == y] * f_y * t, where
-// f_j = dz/dx (1 without softcap) and s is the row scale (design.md, "Row scale"):
+// f_j = dz/dx (1 without softcap) and s is the row scale (docs/design.md, "Row scale"):
 //   a = s (1 + 2 lam lse),  b = s eps / V,  t = s (1 - eps).
 template <class A>
 struct GradCoef {

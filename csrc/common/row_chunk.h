@@ -22,7 +22,7 @@ struct RowChunk {
   bool write_grad = false;
   const acc_t* bias = nullptr;  // [V] or null
   const int64_t* targets = nullptr;
-  const acc_t* scales = nullptr;  // row scale s_t (design.md), with write_grad
+  const acc_t* scales = nullptr;  // row scale s_t (docs/design.md), with write_grad
   const acc_t* lse_in = nullptr;  // given lse (backward recompute): pass A is skipped
   acc_t* loss = nullptr;          // per-row loss out (forward)
   acc_t* lse = nullptr;           // per-row lse out (forward)

@@ -1,4 +1,4 @@
-// Launchers of the CUDA row kernels (passes A and B of design.md). No torch header: this file
+// Launchers of the CUDA row kernels (passes A and B of docs/design.md). No torch header: this file
 // and rows_cuda.cu compile with nvcc alone; csrc/cuda/ops_cuda.cpp binds them to torch.
 #pragma once
 
