@@ -101,12 +101,22 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 
 
-@pytest.fixture(params=["cpu-vocab", "cpu-row", pytest.param("cuda", marks=needs_cuda)])
+MKL_MIXED_GEMM = bool(torch.ops.mtp_ext._cpu_dw16_gemm_info()[2])
+
+
+@pytest.fixture(params=["cpu-vocab-mkl", "cpu-row-slabs",
+                        pytest.param("cuda", marks=needs_cuda)])
 def device(request, monkeypatch):
-    """The device a test body runs on: the CPU in both layouts of its fp32/fp64 logits
-    (cpu_layout), and CUDA where a device is present. One test body for every device."""
+    """The device a test body runs on: the CPU with each of its forced kernel choices, and CUDA
+    where a device is present. One test body for every device. The two CPU cases force both
+    layouts of fp32/fp64 logits (MTP_EXT_CPU_LAYOUT) and both paths of the 16-bit weight
+    gradient (MTP_EXT_CPU_DW16; MKL's mixed GEMM where libtorch has it), whatever this CPU
+    would choose."""
     if request.param.startswith("cpu-"):
-        monkeypatch.setenv("MTP_EXT_CPU_LAYOUT", request.param[4:])
+        _, layout, dw16 = request.param.split("-")
+        monkeypatch.setenv("MTP_EXT_CPU_LAYOUT", layout)
+        if dw16 != "mkl" or MKL_MIXED_GEMM:
+            monkeypatch.setenv("MTP_EXT_CPU_DW16", dw16)
         return "cpu"
     return "cuda"
 

@@ -1,5 +1,6 @@
 """linear_cross_entropy against a float64 reference, for every option, dtype and several shapes,
 on every device (conftest.device: the CPU in both logits layouts, and CUDA where present)."""
+import os
 import zlib
 
 import pytest
@@ -194,20 +195,39 @@ def test_fp16_bf16_logits_error_bounded(V, device):
                           reduction="mean", chunk_size=100, seed=77, device=device)
 
 
+def _cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return set(next(l for l in f if l.startswith("flags")).split(":")[1].split())
+
+
+@pytest.mark.parametrize("path", ["default", "mkl", "slabs"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_without_mixed_precision_gemm(dtype, monkeypatch, cpu_layout):
-    """The ATen fallback for torch builds without MKL's mixed GEMM gives the same accuracy
-    (and it is the fallback that ran: the op counts the calls of each path)."""
-    calls = torch.ops.mtp_ext._cpu_dw16_gemm_calls
-    fast = check_against_f64(dtype, 200, 48, 3001, {}, bias=True, reduction="mean",
-                             chunk_size=64, seed=31)
-    monkeypatch.setenv("MTP_EXT_DISABLE_MIXED_GEMM", "1")
-    before = calls()
-    slow = check_against_f64(dtype, 200, 48, 3001, {}, bias=True, reduction="mean",
-                             chunk_size=64, seed=31)
-    after = calls()
-    assert after[0] == before[0] and after[1] > before[1], (before, after)
-    assert slow[0] == fast[0]  # same logits GEMM: identical loss
+def test_16bit_weight_gradient_paths(dtype, path, monkeypatch):
+    """Each CPU path of the 16-bit weight gradient, forced (MTP_EXT_CPU_DW16), within the accuracy
+    bound, and it is that path that ran (the op counts the calls of each); by default MKL's
+    mixed GEMM where the CPU has AMX, the ATen slabs elsewhere."""
+    info = torch.ops.mtp_ext._cpu_dw16_gemm_info
+    mkl_available, amx = info()[2:]
+    if path == "mkl" and not mkl_available:
+        pytest.skip("this libtorch exports no MKL mixed GEMM")
+    if path != "default":
+        monkeypatch.setenv("MTP_EXT_CPU_DW16", path)
+    before = info()[:2]
+    check_against_f64(dtype, 200, 48, 3001, {}, bias=True, reduction="mean", chunk_size=64,
+                      seed=31)
+    ran = [a - b for a, b in zip(info()[:2], before)]
+    if path == "default":
+        if os.path.exists("/proc/cpuinfo"):
+            assert amx == ("amx_bf16" in _cpu_flags())
+        path = "mkl" if amx and mkl_available else "slabs"
+    assert (ran[0] > 0, ran[1] > 0) == (path == "mkl", path == "slabs"), ran
+
+
+def test_16bit_weight_gradient_bad_choice(monkeypatch):
+    monkeypatch.setenv("MTP_EXT_CPU_DW16", "fast")
+    h, w, _, y = make_inputs(8, 4, 20, torch.bfloat16, seed=1)
+    with pytest.raises(RuntimeError, match="MTP_EXT_CPU_DW16 must be mkl or slabs, got fast"):
+        mtp_ext.linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), y).backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu_features.h"
+
 // MKL's CBLAS mixed-precision GEMMs (LP64: 32-bit integers). libtorch_cpu exports them where it
 // links MKL; weak references leave them null elsewhere.
 extern "C" {
@@ -34,12 +36,23 @@ constexpr int64_t kSlabBytes = int64_t(8) << 20;  // temporaries of the fallback
 using MixedGemm = void (*)(int, int, int, int, int, int, float, const uint16_t*, int,
                            const uint16_t*, int, float, float*, int);
 
+// The 16-bit weight gradient's GEMM: MKL's mixed GEMM (16-bit inputs, accumulated into the fp32
+// dW in place) where the CPU has AMX, ATen's 16-bit GEMM per vocabulary slab elsewhere: without
+// AMX, MKL's mixed GEMM measured 1.3-1.6x slower than the slabs on an AMD EPYC (Zen 4, AVX512-BF16)
+// and held hundreds of MiB of internal buffers (bench/RESULTS.md). MTP_EXT_CPU_DW16=mkl|slabs
+// forces one (the tests run both).
 MixedGemm mixed_gemm(at::ScalarType t) {
-  const char* off = std::getenv("MTP_EXT_DISABLE_MIXED_GEMM");
-  if (off && std::strcmp(off, "1") == 0) return nullptr;
-  if (t == at::kBFloat16) return cblas_gemm_bf16bf16f32;
-  if (t == at::kHalf) return cblas_gemm_f16f16f32;
-  return nullptr;
+  MixedGemm f = t == at::kBFloat16 ? cblas_gemm_bf16bf16f32
+                : t == at::kHalf   ? cblas_gemm_f16f16f32
+                                   : nullptr;
+  const char* force = std::getenv("MTP_EXT_CPU_DW16");
+  if (force && std::strcmp(force, "slabs") == 0) return nullptr;
+  if (force && std::strcmp(force, "mkl") == 0) {
+    TORCH_CHECK(f, "mtp_ext: MTP_EXT_CPU_DW16=mkl, but this libtorch exports no MKL mixed GEMM");
+    return f;
+  }
+  TORCH_CHECK(!force || !*force, "mtp_ext: MTP_EXT_CPU_DW16 must be mkl or slabs, got ", force);
+  return has_amx_bf16() ? f : nullptr;
 }
 
 const uint16_t* u16(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
@@ -88,8 +101,9 @@ void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   }
 }
 
-std::vector<int64_t> dw16_gemm_calls() {
-  return {g_dw16_calls[0].load(), g_dw16_calls[1].load()};
+std::vector<int64_t> dw16_gemm_info() {
+  return {g_dw16_calls[0].load(), g_dw16_calls[1].load(), cblas_gemm_bf16bf16f32 != nullptr,
+          has_amx_bf16()};
 }
 
 }  // namespace mtp::cpu

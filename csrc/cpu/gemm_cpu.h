@@ -16,7 +16,8 @@ void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z);
 void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx);
 // dw_acc[V, D] (fp32/fp64) += g[c, V]^T x[c, D]
 void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw_acc);
-// Calls of the 16-bit weight-gradient GEMM since the library loaded: {MKL mixed, ATen slabs}.
-std::vector<int64_t> dw16_gemm_calls();
+// The 16-bit weight-gradient GEMM: {calls of MKL's mixed GEMM, calls of the ATen slabs since the
+// library loaded, 1 if libtorch exports MKL's mixed GEMM, 1 if the CPU has AMX-BF16}.
+std::vector<int64_t> dw16_gemm_info();
 
 }  // namespace mtp::cpu

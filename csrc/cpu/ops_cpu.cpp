@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> fused_ce_stats_cpu(
 
 // No tensor argument, so no device to dispatch on: the library's one catch-all kernel.
 TORCH_LIBRARY_FRAGMENT(mtp_ext, m) {
-  m.def("_cpu_dw16_gemm_calls() -> int[]", &dw16_gemm_calls);
+  m.def("_cpu_dw16_gemm_info() -> int[]", &dw16_gemm_info);
 }
 
 TORCH_LIBRARY_IMPL(mtp_ext, CPU, m) {
