@@ -37,10 +37,13 @@ using MixedGemm = void (*)(int, int, int, int, int, int, float, const uint16_t*,
                            const uint16_t*, int, float, float*, int);
 
 // The 16-bit weight gradient's GEMM: MKL's mixed GEMM (16-bit inputs, accumulated into the fp32
-// dW in place) where the CPU has AMX, ATen's 16-bit GEMM per vocabulary slab elsewhere: without
-// AMX, MKL's mixed GEMM measured 1.3-1.6x slower than the slabs on an AMD EPYC (Zen 4, AVX512-BF16)
-// and held hundreds of MiB of internal buffers (bench/RESULTS.md). MTP_EXT_CPU_DW16=mkl|slabs
-// forces one (the tests run both).
+// dW in place), or ATen's 16-bit GEMM per vocabulary slab. bf16 takes MKL's where the CPU has
+// AMX, the slabs elsewhere: on an AMD EPYC with AVX512-BF16 and no AMX (2 threads, n = 4,
+// N = 4096, V = 32768, forward and backward) the whole loss took 1.96x (D = 1024) and 2.09x
+// (D = 512) the GEMM floor with MKL's, 1.04x and 1.05x with the slabs. fp16 takes MKL's: on the
+// same CPU it was the faster of the two (0.88x against 0.99x the floor at N = 512, D = 256; both
+// far slower than bf16, as fp16 GEMMs are there). MTP_EXT_CPU_DW16=mkl|slabs forces one (the
+// tests run both).
 MixedGemm mixed_gemm(at::ScalarType t) {
   MixedGemm f = t == at::kBFloat16 ? cblas_gemm_bf16bf16f32
                 : t == at::kHalf   ? cblas_gemm_f16f16f32
@@ -52,7 +55,7 @@ MixedGemm mixed_gemm(at::ScalarType t) {
     return f;
   }
   TORCH_CHECK(!force || !*force, "mtp_ext: MTP_EXT_CPU_DW16 must be mkl or slabs, got ", force);
-  return has_amx_bf16() ? f : nullptr;
+  return t == at::kHalf || has_amx_bf16() ? f : nullptr;
 }
 
 const uint16_t* u16(const at::Tensor& t) { return static_cast<const uint16_t*>(t.data_ptr()); }
