@@ -147,6 +147,9 @@ def _add_train(sub):
     t.add_argument("--layers", type=int, default=d.layers, help="trunk layers")
     t.add_argument("--attn-heads", type=int, default=d.attn_heads, help="attention heads per layer")
     t.add_argument("--n-future", type=int, default=d.n_future, help="prediction heads n")
+    t.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
+                   help="bf16: the forward under bf16 autocast, fp32 weights and optimizer; "
+                   "auto: bf16 where the CPU (AVX512-BF16 or AMX) or GPU computes it natively")
     t.add_argument("--threads", type=int, default=None,
                    help="torch threads (None: torch's default)")
 

@@ -11,9 +11,29 @@ from ._checks import Prepared, prepare_mtp, prepare_single
 from .outputs import MTPLossOutput, head_summary
 
 
+def _autocast(args):
+    """Under torch.autocast, hidden, weight and bias (args 0, 1 and 3) in the autocast dtype, as
+    F.linear would take them; the loss and its sums stay fp32, as cross_entropy's do. float64
+    tensors are left alone, as autocast leaves them."""
+    hidden = args[0]
+    first = hidden[0] if isinstance(hidden, (list, tuple)) and len(hidden) else hidden
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return args
+    dtype = torch.get_autocast_dtype(first.device.type)
+
+    def cast(t):
+        if isinstance(t, (list, tuple)):
+            return [cast(x) for x in t]
+        ok = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if ok else t
+    return (cast(args[0]), cast(args[1]), args[2], cast(args[3])) + tuple(args[4:])
+
+
 def _run(prepare, args, weight, process_group):
     """(prepared arguments, loss, stats [n, 3]) of the fused op, or of its vocab-parallel form
     when a process group is given (weight is then this rank's vocabulary shard)."""
+    args = _autocast(args)
+    weight = args[1]
     if process_group is None:
         p = prepare(*args)
         loss, _, stats, _, _, _ = ops.fused_ce(

@@ -5,6 +5,7 @@ installation, split deterministically into train and validation files by a hash 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -22,6 +23,22 @@ from . import distributed as mdist
 from .model import LOSS_IMPLS, MTPConfig, MTPTransformer
 
 CHECKPOINT = "checkpoint.pt"
+DTYPES = ("auto", "fp32", "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively: a CUDA device with bf16 support, or a CPU with
+    AVX512-BF16 or AMX-BF16. Measured on an AMD EPYC with AVX512-BF16 (`mtp-ext train` with its
+    defaults): bf16 autocast trained 2.1x faster than fp32 (82 s against 171 s) with every head's
+    validation loss within 0.5% of fp32's (docs/model.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(l for l in f if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 # ---- data ----
@@ -94,13 +111,16 @@ def eval_batches(data: torch.Tensor, n_batches: int, batch: int, seq_len: int):
 
 
 @torch.no_grad()
-def evaluate(model: MTPTransformer, batches, loss_impl: str = "fused"):
-    """Per-head validation loss and top-1 accuracy, weighted by each head's tokens."""
+def evaluate(model: MTPTransformer, batches, loss_impl: str = "fused",
+             amp=contextlib.nullcontext):
+    """Per-head validation loss and top-1 accuracy, weighted by each head's tokens; the forward
+    under amp() (the training's autocast)."""
     model.eval()
     n = mdist.unwrap(model).cfg.n_future
     loss_sum, correct, tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     for x in batches:
-        out = model(x, x, loss_impl=loss_impl, return_logits=False).loss
+        with amp():
+            out = model(x, x, loss_impl=loss_impl, return_logits=False).loss
         t = out.head_tokens.double()
         loss_sum += out.head_losses.double() * t
         correct += out.head_accuracy.double() * t
@@ -159,6 +179,9 @@ class TrainArgs:
     attn_heads: int = 4
     n_future: int = 4
     threads: Optional[int] = None
+    # "bf16": the forward under bf16 autocast (fp32 weights and optimizer); "auto": bf16 where the
+    # device computes bf16 natively (native_bf16), else fp32
+    dtype: str = "auto"
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
 
 
@@ -219,6 +242,8 @@ def check_args(a: TrainArgs):
         raise ValueError(f"--loss-impl must be one of {LOSS_IMPLS}, got {a.loss_impl!r}")
     if not a.lr > 0:
         raise ValueError(f"--lr must be > 0, got {a.lr}")
+    if a.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {DTYPES}, got {a.dtype!r}")
     if a.parallel not in mdist.PARALLEL_MODES:
         raise ValueError(f"--parallel must be one of {mdist.PARALLEL_MODES}, got {a.parallel!r}")
 
@@ -268,12 +293,14 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         gen.set_state(ckpt["data_rng"])
         start = ckpt["step"]
         log(f"resumed from {ckpt_path} at step {start}")
+    dtype = a.dtype if a.dtype != "auto" else ("bf16" if native_bf16(ctx.device) else "fp32")
+    amp = lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     n = core.cfg.n_future
     log(f"data: {what}; {train_data.numel() / 1e6:.1f} MB train, {val_data.numel() / 1e6:.2f} MB "
         f"validation")
     log(f"model: {core.num_parameters() / 1e6:.2f}M parameters, {core.cfg.n_layers} trunk "
         f"layers + {n} heads, d_model {core.cfg.d_model}; loss: {a.loss_impl}; "
-        f"{torch.get_num_threads()} threads"
+        f"{dtype}{' (auto)' if a.dtype == 'auto' else ''}; {torch.get_num_threads()} threads"
         + (f" x {ctx.world} ranks ({a.parallel}, {dist_backend()})" if ctx.enabled else ""))
     val = eval_batches(val_data, a.eval_batches, a.batch_size, a.seq_len)
     history, first_losses = [], None
@@ -285,7 +312,8 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
             g["lr"] = lr_at(step, a)
         x = sample_batch(train_data, a.batch_size, a.seq_len, gen)  # the global batch
         xl = mdist.local_batch(x, ctx)
-        out = model(xl, xl, loss_impl=a.loss_impl).loss
+        with amp():
+            out = model(xl, xl, loss_impl=a.loss_impl).loss
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -300,12 +328,12 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
             progress.update(step + 1, f"| {rate / 1e3:.1f}k tok/s | loss "
                             + " ".join(f"h{k}:{v:.3f}" for k, v in enumerate(heads)))
         if (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
-            vl, _ = evaluate(model, val, a.loss_impl)
+            vl, _ = evaluate(model, val, a.loss_impl, amp)
             history.append({"step": step + 1, "val_losses": vl})
     if progress:
         progress.close()
     train_time = time.perf_counter() - t0
-    val_losses, val_acc = evaluate(model, val, a.loss_impl)
+    val_losses, val_acc = evaluate(model, val, a.loss_impl, amp)
     history.append({"step": a.steps, "val_losses": val_losses})
     save_checkpoint(ckpt_path, model, opt, a.steps, a, gen, ctx)
     summary = {
@@ -314,7 +342,7 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "first_step": first_losses, "val_losses": val_losses, "val_accuracy": val_acc,
         "history": history, "checkpoint": str(ckpt_path), "rank": ctx.rank,
-        "world_size": ctx.world, "parallel": a.parallel if ctx.enabled else None,
+        "world_size": ctx.world, "parallel": a.parallel if ctx.enabled else None, "dtype": dtype,
     }
     log(f"done: {a.steps} steps, {tokens / 1e6:.2f}M tokens in {train_time:.0f} s "
         f"({summary['tokens_per_second'] / 1e3:.1f}k tok/s), peak RSS "

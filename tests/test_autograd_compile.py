@@ -164,3 +164,28 @@ def test_opcheck_gemm_call_counter():
     h, w, _, y = make_inputs(8, 4, 20, torch.bfloat16, seed=1)
     mtp_ext.linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), y).backward()
     assert sum(torch.ops.mtp_ext._cpu_dw16_gemm_info()[:2]) == sum(before) + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_takes_the_autocast_dtype(dtype, cpu_layout):
+    """Under torch.autocast the loss takes hidden, weight and bias in the autocast dtype, as
+    F.linear does (the loss stays fp32), and the gradients of fp32 leaves come back in fp32."""
+    n, B, T, D, V = 2, 2, 6, 8, 40
+    g = torch.Generator().manual_seed(13)
+    h = torch.randn(n, B, T, D, generator=g, requires_grad=True)
+    w = torch.randn(V, D, generator=g, requires_grad=True)
+    b = torch.randn(V, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    with torch.autocast("cpu", dtype=dtype):
+        out = mtp_ext.mtp_loss(h, w, labels, bias=b, z_loss=1e-3)
+        single = mtp_ext.linear_cross_entropy(h[0], w, labels, b)
+    out.loss.backward()
+    assert out.loss.dtype == single.dtype == torch.float32
+    assert h.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (h, w, b)]
+    want = mtp_ext.mtp_loss(leaves[0], leaves[1], labels, bias=leaves[2], z_loss=1e-3)
+    want_single = mtp_ext.linear_cross_entropy(leaves[0][0], leaves[1], labels, leaves[2])
+    want.loss.backward()
+    assert torch.equal(out.loss, want.loss) and torch.equal(single, want_single)
+    for got, ref in zip((h, w, b), leaves):
+        assert torch.equal(got.grad, ref.grad.float())

@@ -75,7 +75,7 @@ def _train_cmd(out, corpus, steps, extra=()):
     return ["train", "--steps", str(steps), "--batch-size", "4", "--seq-len", "32", "--warmup",
             "2", "--data", str(corpus), "--eval-every", "1000", "--eval-batches", "2",
             "--d-model", "32", "--layers", "1", "--attn-heads", "2", "--n-future", "3",
-            "--out", str(out), *extra]
+            "--dtype", "fp32", "--out", str(out), *extra]
 
 
 def _run(args, ranks=None):
