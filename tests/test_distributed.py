@@ -128,7 +128,8 @@ model(x, x).loss.loss.backward()
 during = threads()
 del model
 mdist.shutdown(ctx)
-print(f"threads before {before} during {during} after {threads()}", flush=True)
+with open(os.path.join(sys.argv[2], f"rank{ctx.rank}.txt"), "w") as f:  # not stdout: ranks interleave
+    f.write(f"{before} {during} {threads()}")
 """
 
 
@@ -139,12 +140,12 @@ def test_ddp_shutdown_frees_the_process_group(tmp_path):
     script = tmp_path / "group_freed.py"
     script.write_text(GROUP_FREED_SCRIPT)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", "2", str(script), "ddp"], capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                        "--nproc_per_node", "2", str(script), "ddp", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout + r.stderr
-    counts = [tuple(int(w) for w in line.split()[2::2]) for line in r.stdout.splitlines()
-              if line.startswith("threads")]
-    assert len(counts) == 2, r.stdout
+    counts = [tuple(int(w) for w in (tmp_path / f"rank{k}.txt").read_text().split())
+              for k in range(2)]
     for before, during, after in counts:
         assert during > before and after == before, counts
 

@@ -31,7 +31,7 @@ namespace {
 std::array<std::atomic<int64_t>, 2> g_dw16_calls{};  // MKL mixed, ATen slabs
 
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-constexpr int64_t kSlabBytes = int64_t(8) << 20;  // temporaries of the fallback path
+constexpr int64_t kSlabBytes = int64_t(4) << 20;  // each temporary of the slab path
 
 using MixedGemm = void (*)(int, int, int, int, int, int, float, const uint16_t*, int,
                            const uint16_t*, int, float, float*, int);
@@ -97,7 +97,10 @@ void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   // Fallback: 16-bit GEMMs per vocabulary slab, each slab's product rounded to 16 bits once
   // before it is added to the fp32 accumulator.
   g_dw16_calls[1].fetch_add(1, std::memory_order_relaxed);
-  const int64_t s = std::max<int64_t>(16, kSlabBytes / std::max<int64_t>(1, D * x.element_size()));
+  // A slab's product [s, D] and the contiguous copy of its transposed gradient [s, c] that the
+  // GEMM may make are each at most kSlabBytes.
+  const int64_t s =
+      std::max<int64_t>(16, kSlabBytes / (std::max<int64_t>({1, D, c}) * x.element_size()));
   for (int64_t v0 = 0; v0 < V; v0 += s) {
     const int64_t len = std::min(s, V - v0);
     dw_acc.narrow(0, v0, len).add_(at::mm(g.narrow(1, v0, len).t(), x));
