@@ -5,6 +5,15 @@ import platform
 NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}, "avx2": {"avx2", "fma"}}
 
 
+def cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(l for l in f if l.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def check_cpu_capability():
     try:
         from ._build_info import CPU_CAPABILITY
@@ -13,10 +22,8 @@ def check_cpu_capability():
     need = NEEDS.get(CPU_CAPABILITY)
     if not need or platform.machine() not in ("x86_64", "AMD64"):
         return
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(l for l in f if l.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
+    flags = cpu_flags()
+    if not flags:
         return
     missing = need - flags
     if missing:

@@ -16,12 +16,11 @@ HELP = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
 def _machine() -> str:
     """The CPU (model, and whether it has AMX and AVX512-BF16: the bf16 GEMMs differ), threads,
     GPU and torch."""
-    cpu, flags = platform.processor() or platform.machine(), set()
+    from ._cpu_check import cpu_flags
+    cpu, flags = platform.processor() or platform.machine(), cpu_flags()
     try:
         with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-        cpu = next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
-        flags = set(next(l for l in lines if l.startswith("flags")).split(":", 1)[1].split())
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
     has = lambda f: "yes" if f in flags else "no"

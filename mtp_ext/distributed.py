@@ -78,7 +78,6 @@ def shutdown(ctx: DistContext):
         gc.collect()  # a wrapped model lives in reference cycles (module hooks): it holds the group
         dist.barrier()  # nobody closes its connections while another rank still reads
         dist.destroy_process_group()
-        gc.collect()
 
 
 def end_rank(code: int = 0) -> int:

@@ -33,12 +33,8 @@ def native_bf16(device: torch.device) -> bool:
     validation loss within 0.5% of fp32's (docs/model.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(l for l in f if l.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    from ._cpu_check import cpu_flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 # ---- data ----

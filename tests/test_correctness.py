@@ -8,6 +8,7 @@ import torch
 
 import mtp_ext
 from mtp_ext import reference
+from mtp_ext._cpu_check import cpu_flags
 
 from conftest import IGNORE, as64, loss_and_grads, make_inputs, norm_err, on, rel_err
 
@@ -195,11 +196,6 @@ def test_fp16_bf16_logits_error_bounded(V, device):
                           reduction="mean", chunk_size=100, seed=77, device=device)
 
 
-def _cpu_flags():
-    with open("/proc/cpuinfo") as f:
-        return set(next(l for l in f if l.startswith("flags")).split(":")[1].split())
-
-
 @pytest.mark.parametrize("path", ["default", "mkl", "slabs"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_weight_gradient_paths(dtype, path, monkeypatch):
@@ -218,7 +214,7 @@ def test_16bit_weight_gradient_paths(dtype, path, monkeypatch):
     ran = [a - b for a, b in zip(info()[:2], before)]
     if path == "default":
         if os.path.exists("/proc/cpuinfo"):
-            assert amx == ("amx_bf16" in _cpu_flags())
+            assert amx == ("amx_bf16" in cpu_flags())
         path = "mkl" if (amx or dtype == torch.float16) and mkl_available else "slabs"
     assert (ran[0] > 0, ran[1] > 0) == (path == "mkl", path == "slabs"), ran
 
