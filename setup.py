@@ -10,33 +10,29 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# at::vec picks its SIMD width at compile time; the extension is built on (and for) the machine
-# that installs it. MTP_EXT_CPU_CAPABILITY=default|avx2|avx512 overrides the detection, e.g. for
-# a build meant for other machines.
-CPU_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "default": [],
+# The row kernels (csrc/cpu/kernels) are compiled once per CPU capability, each into its own
+# namespace with its own flags (ATen's), and chosen at run time (csrc/cpu/cpu_capability.cpp);
+# everything else is compiled for any CPU of the architecture, so one build serves every x86-64
+# machine. DEFAULT comes first: the linker keeps the first copy of the code the three share
+# (scripts/check_cpu_isa.py checks the result).
+X86 = platform.machine() in ("x86_64", "AMD64")
+KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
+CAPABILITY_FLAGS = {
+    "DEFAULT": ["-DCPU_CAPABILITY_DEFAULT"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"] if X86 else [],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY_AVX512"] if X86 else [],
 }
 
 
-def cpu_capability():
-    chosen = os.environ.get("MTP_EXT_CPU_CAPABILITY", "").lower()
-    if chosen:
-        if chosen not in CPU_FLAGS:
-            raise ValueError(f"MTP_EXT_CPU_CAPABILITY={chosen!r}: use one of {sorted(CPU_FLAGS)}")
-        return chosen
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "default"
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(l for l in f if l.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return "default"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        return "avx512"
-    return "avx2" if {"avx2", "fma"} <= flags else "default"
+class BuildExtension(cpp_extension.BuildExtension):
+    def build_extension(self, ext):
+        for cap, flags in CAPABILITY_FLAGS.items():
+            ext.extra_objects += self.compiler.compile(
+                KERNEL_SOURCES, output_dir=os.path.join(self.build_temp, cap.lower()),
+                macros=ext.define_macros, include_dirs=ext.include_dirs,
+                extra_postargs=ext.extra_compile_args["cxx"] + flags + [f"-DCPU_CAPABILITY={cap}"])
+        super().build_extension(ext)
 
 
 def want_cuda():
@@ -46,21 +42,20 @@ def want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def write_build_info(cap, cuda):
+def write_build_info(cuda):
     with open(os.path.join(ROOT, "mtp_ext", "_build_info.py"), "w") as f:
-        f.write(f"# written by setup.py\nCPU_CAPABILITY = {cap!r}\nWITH_CUDA = {cuda!r}\n")
+        f.write(f"# written by setup.py\nWITH_CUDA = {cuda!r}\n")
 
 
 def extension():
-    cap = cpu_capability()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fvisibility=hidden"] + CPU_FLAGS[cap]
+    cxx = ["-O3", "-fvisibility=hidden"]
     args = dict(name="mtp_ext._C", sources=sources, extra_compile_args={"cxx": cxx},
                 include_dirs=[os.path.join(ROOT, "csrc")], py_limited_api=True,
                 define_macros=[("Py_LIMITED_API", "0x03090000")])
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     cuda = want_cuda()
-    write_build_info(cap, cuda)
+    write_build_info(cuda)
     if not cuda:
         return cpp_extension.CppExtension(**args)
     args["sources"] += cuda_sources
@@ -83,6 +78,6 @@ def extension():
 
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

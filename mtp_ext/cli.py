@@ -17,6 +17,7 @@ def _machine() -> str:
     """The CPU (model, and whether it has AMX and AVX512-BF16: the bf16 GEMMs differ), threads,
     GPU and torch."""
     from ._cpu_check import cpu_flags
+    from .ops import cpu_capability
     cpu, flags = platform.processor() or platform.machine(), cpu_flags()
     try:
         with open("/proc/cpuinfo") as f:
@@ -27,7 +28,8 @@ def _machine() -> str:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{cpu} (AMX {has('amx_bf16')}, AVX512-BF16 {has('avx512_bf16')}), "
             f"{torch.get_num_threads()} threads{gpu}; torch {torch.__version__}, "
-            f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()} (ATen), "
+            f"{cpu_capability()} (mtp_ext row kernels)")
 
 
 def _commit() -> str:

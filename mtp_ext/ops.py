@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from ._cpu_check import check_cpu_capability
+from . import _C  # noqa: F401  (loads the library, which registers the ops)
 
-check_cpu_capability()  # before loading code compiled for this CPU's vector width
-from . import _C  # noqa: F401,E402  (loads the library, which registers the ops)
+
+def cpu_capability() -> str:
+    """The CPU row kernels in use: "avx512", "avx2" or "default". The library carries all three
+    (x86-64; elsewhere only "default") and runs the widest this CPU has, unless the environment
+    variable MTP_EXT_CPU_CAPABILITY=default|avx2|avx512 names a lower one (read at each call;
+    naming one the CPU lacks raises RuntimeError)."""
+    return torch.ops.mtp_ext._cpu_capability()
+
+
+cpu_capability()  # a bad MTP_EXT_CPU_CAPABILITY fails the import, naming the value
 
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 

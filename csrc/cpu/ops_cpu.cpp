@@ -5,9 +5,9 @@
 #include <torch/library.h>
 
 #include "../driver.h"
+#include "cpu_capability.h"
 #include "folded_gradient.h"
 #include "gemm_cpu.h"
-#include "rows_cpu.h"
 
 namespace mtp::cpu {
 namespace {
@@ -40,11 +40,8 @@ class CpuKernels final : public DeviceKernels {
     gemm_logits(x, w, z);
   }
   void rows(const RowChunkTensors& chunk) const override {
-    if (chunk.vocab_major) {
-      cpu::strips(chunk);
-    } else {
-      cpu::rows(chunk);
-    }
+    const RowKernels& k = row_kernels();
+    (chunk.vocab_major ? k.strips : k.rows)(chunk);
   }
   void grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) const override {
     gemm_grad_input(g, w, dx);
@@ -52,7 +49,7 @@ class CpuKernels final : public DeviceKernels {
   void grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw) const override {
     gemm_grad_weight(g, x, dw);
   }
-  // The vocabulary-major row kernel (strips_cpu.cpp) folds pass B into the GEMMs in the forward
+  // The vocabulary-major row kernel (kernels/strips_cpu.cpp) folds pass B into the GEMMs in the forward
   // with gradients (folded_gradient.h).
   std::unique_ptr<GradientFold> gradient_fold(const FoldRequest& request) const override {
     return folded_gradient(request);
@@ -88,9 +85,11 @@ std::tuple<at::Tensor, at::Tensor> fused_ce_stats_cpu(
 
 }  // namespace
 
-// No tensor argument, so no device to dispatch on: the library's one catch-all kernel.
+// No tensor argument, so no device to dispatch on: each is the library's one catch-all kernel.
 TORCH_LIBRARY_FRAGMENT(mtp_ext, m) {
   m.def("_cpu_dw16_gemm_info() -> int[]", &dw16_gemm_info);
+  m.def("_cpu_capability() -> str", &cpu_capability);
+  m.def("_cpu_capabilities() -> str[]", &cpu_capabilities);
 }
 
 TORCH_LIBRARY_IMPL(mtp_ext, CPU, m) {

@@ -1,4 +1,4 @@
-#include "rows_cpu.h"
+#include "row_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -10,12 +10,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/row_chunk.h"
+#include "../../common/row_chunk.h"
 #include "vec_math.h"
 
-namespace mtp {
-
-namespace cpu {
+namespace mtp::cpu::CPU_CAPABILITY {
 namespace {
 
 // A row is processed in blocks that live in L1: each block of the stored logits is converted to
@@ -260,5 +258,4 @@ void rows(const RowChunkTensors& c) {
   });
 }
 
-}  // namespace cpu
-}  // namespace mtp
+}  // namespace mtp::cpu::CPU_CAPABILITY

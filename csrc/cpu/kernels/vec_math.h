@@ -3,7 +3,7 @@
 
 #include <ATen/cpu/vec/vec.h>
 
-#include "../common/ce_math.h"
+#include "../../common/ce_math.h"
 
 namespace mtp {
 

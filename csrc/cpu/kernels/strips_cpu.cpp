@@ -1,4 +1,4 @@
-#include "rows_cpu.h"
+#include "row_kernels.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -11,12 +11,10 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common/row_chunk.h"
+#include "../../common/row_chunk.h"
 #include "vec_math.h"
 
-namespace mtp {
-
-namespace cpu {
+namespace mtp::cpu::CPU_CAPABILITY {
 namespace {
 
 // Float32/float64 logits in chunks of 256 rows or more are vocabulary-major on the CPU (the
@@ -340,5 +338,4 @@ void strips(const RowChunkTensors& c) {
   });
 }
 
-}  // namespace cpu
-}  // namespace mtp
+}  // namespace mtp::cpu::CPU_CAPABILITY
