@@ -31,8 +31,11 @@ struct Pass {
   // cast into dw_out[head] when the head's rows are done (the chunks never cross heads), so
   // the fp32 accumulator is the size of one head's weight, not of all of them.
   at::Tensor dw_out;
+  // 16-bit shared weight whose rows all fit one chunk: dw_out is its gradient, one GEMM written
+  // in the input dtype as PyTorch writes it (no fp32 accumulator to zero, add into and cast).
+  bool dw_direct = false;
   int64_t rows_per_head = 0;      // N
-  int64_t chunk_rows = 0;
+  int64_t chunk_rows = 0;         // rows per chunk (rows_per_chunk)
   LossOptions opt;
 };
 
@@ -49,8 +52,7 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   // the GEMM rounds them to 16 bits, as PyTorch does, and all arithmetic after it is fp32), and
   // pass B writes the gradient over them.
   const auto store = p.x.scalar_type();
-  const int64_t C =
-      rows_per_chunk(p.chunk_rows, V, at::elementSize(store), R, dev.chunk_row_multiple());
+  const int64_t C = p.chunk_rows;
   at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
   const bool vocab_major = dev.vocab_major(store, C);
@@ -100,7 +102,9 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
       if (folded) folded->input(dx, w, w_head);
     }
     at::Tensor dw;
-    if (p.dw_out.defined()) {
+    if (p.dw_direct) {
+      dev.grad_weight_out(g, x, p.dw_out);
+    } else if (p.dw_out.defined()) {
       if (head != acc_head) {
         flush_head();
         p.dw_acc.zero_();
@@ -138,7 +142,7 @@ void check_device(const char* name, const at::Tensor& t, const at::Tensor& hidde
 }
 
 // Fills the inputs and gradient outputs shared by forward and backward.
-Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
+Pass make_pass(const DeviceKernels& dev, const at::Tensor& hidden, const at::Tensor& weight,
                const std::optional<at::Tensor>& bias, const at::Tensor& targets,
                int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
                int64_t chunk_rows, std::array<bool, 3> grad_mask, bool want_grad,
@@ -156,7 +160,8 @@ Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
   p.targets = targets.contiguous().view({n * N});
   if (bias.has_value() && bias->defined()) p.bias = bias->to(acc).contiguous();
   p.rows_per_head = N;
-  p.chunk_rows = chunk_rows;
+  p.chunk_rows = rows_per_chunk(chunk_rows, weight.size(-2), hidden.element_size(), n * N,
+                                dev.chunk_row_multiple());
   p.opt.vocab = weight.size(-2);
   p.opt.ignore_index = ignore_index;
   p.opt.label_smoothing = label_smoothing;
@@ -169,7 +174,12 @@ Pass make_pass(const at::Tensor& hidden, const at::Tensor& weight,
   p.opt.vocab_total = vocab_total;
   if (want_grad) {
     if (grad_mask[0]) p.dx = at::empty_like(p.x);
-    if (grad_mask[1] && weight.dim() == 3 && weight.scalar_type() != acc) {
+    const bool one_chunk = n * N > 0 && n * N <= p.chunk_rows &&
+                           (n == 1 || !p.bias.defined() || p.bias.dim() == 1);
+    if (grad_mask[1] && weight.dim() == 2 && weight.scalar_type() != acc && one_chunk) {
+      p.dw_out = at::empty(weight.sizes(), weight.options());
+      p.dw_direct = true;
+    } else if (grad_mask[1] && weight.dim() == 3 && weight.scalar_type() != acc) {
       p.dw_acc = at::empty({weight.size(1), weight.size(2)}, weight.options().dtype(acc));
       p.dw_out = N > 0 ? at::empty(weight.sizes(), weight.options()) : at::zeros_like(weight);
     } else if (grad_mask[1]) {
@@ -194,6 +204,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients_out(const Pass& p, cons
 
 }  // namespace
 
+void DeviceKernels::grad_weight_out(const at::Tensor& g, const at::Tensor& x,
+                                    const at::Tensor& dw) const {
+  at::Tensor out = dw;
+  at::mm_out(out, g.t(), x);
+}
+
 int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows,
                        int64_t multiple) {
   int64_t c = chunk_rows;
@@ -213,7 +229,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto red = static_cast<Reduction>(reduction);
   const bool want_grad =
       red != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
-  Pass p = make_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
+  Pass p = make_pass(dev, hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
                      chunk_rows, grad_mask, want_grad);
   const int64_t n = hidden.size(0), N = hidden.size(1);
   const auto acc = acc_type_of(hidden.scalar_type());
@@ -258,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
     double softcap, int64_t chunk_rows, std::array<bool, 3> grad_mask, int64_t vocab_start,
     int64_t vocab_total) {
-  Pass p = make_pass(hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
+  Pass p = make_pass(dev, hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
                      chunk_rows, grad_mask, /*want_grad=*/true, vocab_start, vocab_total);
   check_device("grad_rows", grad_rows, hidden);
   check_device("lse", lse, hidden);
@@ -277,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor> fused_stats(
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, int64_t ignore_index,
     double softcap, int64_t vocab_start, int64_t vocab_total, int64_t chunk_rows) {
   TORCH_CHECK(vocab_total > 0, "mtp_ext: vocab_total must be > 0, got ", vocab_total);
-  Pass p = make_pass(hidden, weight, bias, targets, ignore_index, /*label_smoothing=*/0,
+  Pass p = make_pass(dev, hidden, weight, bias, targets, ignore_index, /*label_smoothing=*/0,
                      /*z_loss=*/0, softcap, chunk_rows, {false, false, false},
                      /*want_grad=*/false, vocab_start, vocab_total);
   const int64_t n = hidden.size(0), N = hidden.size(1);

@@ -31,15 +31,17 @@ struct RowChunkTensors {
   LossOptions opt;
 };
 
+// Static (internal to each file): the CPU row kernels are compiled once per capability, and a
+// shared copy could be one compiled for a wider CPU (scripts/check_cpu_isa.py).
 template <class T>
-T* ptr_or_null(const at::Tensor& t) {
+static T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
 }
 
 // The raw pointers of a chunk for a row kernel (A: arithmetic type, S: storage type of z).
 // Both devices' kernels take this struct; undefined tensors become null pointers.
 template <class A, class S>
-RowChunk<A, S> row_chunk_of(const RowChunkTensors& c) {
+static RowChunk<A, S> row_chunk_of(const RowChunkTensors& c) {
   RowChunk<A, S> p;
   p.rows = c.z.size(0);
   p.ld_z = c.z.stride(0);
@@ -114,6 +116,9 @@ class DeviceKernels {
   // dw_acc[V, D] (float32, or float64) += g[c, V]^T x[c, D]
   virtual void grad_weight(const at::Tensor& g, const at::Tensor& x,
                            const at::Tensor& dw_acc) const = 0;
+  // dw[V, D] (input dtype) = g[c, V]^T x[c, D]: a weight's whole gradient from one chunk
+  virtual void grad_weight_out(const at::Tensor& g, const at::Tensor& x,
+                               const at::Tensor& dw) const;  // at::mm_out
   // Called once after an op's chunks: reports what the kernels found on the device.
   virtual void finish() const {}
   // A gradient fold for this call, or none (the row kernel then writes the gradient over z).

@@ -227,6 +227,29 @@ def format_table(case: Case, rows: List[Row]) -> str:
     return "\n".join(out)
 
 
+def format_summary(results) -> str:
+    """One line per case: the fused path against the fastest and the leanest other path (the
+    GEMM floor is not a path a user can take)."""
+    out = ["Summary: fused against the fastest and the least-memory other path of each case",
+           "| case | fused / floor | fastest other | fused / fastest other | fused peak (MiB) "
+           "| least other peak (MiB) |",
+           "|---|---:|---|---:|---:|---:|"]
+    for case, rows in results:
+        fused = next((r for r in rows if r.path == "fused"), None)
+        others = [r for r in rows if r.path not in ("fused", "gemm_floor")]
+        if fused is None or not others:
+            continue
+        fast = min(others, key=lambda r: r.seconds)
+        mems = [r for r in others if r.peak_mib is not None]
+        lean = min(mems, key=lambda r: r.peak_mib) if mems else None
+        fmem = "" if fused.peak_mib is None else f"{fused.peak_mib:.0f}"
+        lmem = "" if lean is None else f"{lean.peak_mib:.0f} ({lean.path})"
+        out.append(f"| {case.label().replace(' shared', '')} | {fused.vs_floor:.3f} | "
+                   f"{fast.path} {fast.vs_floor:.3f} | {fused.seconds / fast.seconds:.3f} | "
+                   f"{fmem} | {lmem} |")
+    return "\n".join(out) + "\n"
+
+
 def parse_tables(text: str):
     """The (Case, [Row]) results in markdown written by format_table (`mtp-ext bench --out`),
     so that plots can be redrawn from saved tables (`mtp-ext bench --replot FILE.md ...`)."""

@@ -59,6 +59,17 @@ BENCH_METHOD = """\
   PyTorch's `F.linear_cross_entropy` (one call per head)."""
 
 
+def _vocab_rows(text: str):
+    """"V:N" of --rows-for, as (V, N)."""
+    try:
+        V, N = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not V:N (two integers)")
+    if V < 1 or N < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: V and N must be positive")
+    return V, N
+
+
 def bench(args) -> int:
     from . import benchmark as B
     if args.replot:  # no measuring: plots from tables saved by --out
@@ -75,24 +86,29 @@ def bench(args) -> int:
            f"commit {_commit()}.", "", f"Machine: {_machine()}.", "", BENCH_METHOD, ""]
     print("\n".join(out), flush=True)
     results = []
-    for dtype in args.dtype:
-        for V in args.vocab:
-            for N in args.rows:
-                for n in heads:
-                    case = B.Case(n=n, N=N, D=args.hidden, V=V, dtype=dtype,
-                                  per_head=args.per_head, backward=not args.forward_only,
-                                  device=args.device)
-                    print(f"{case.label()}:", file=sys.stderr, flush=True)
-                    rows = B.compare(case, paths=args.paths, repeats=args.repeats,
-                                     memory=not args.no_memory,
-                                     log=lambda s: print(s, file=sys.stderr, flush=True))
-                    results.append((case, rows))
-                    table = B.format_table(case, rows)
-                    print(table + "\n", flush=True)
-                    out.append(table + "\n")
-                    if args.out:  # after every case: a long run keeps what it measured
-                        with open(args.out, "w") as f:
-                            f.write("\n".join(out))
+    rows_for = dict(args.rows_for or [])
+    cases = [B.Case(n=n, N=N, D=D, V=V, dtype=dtype, per_head=args.per_head,
+                    backward=not args.forward_only, device=args.device)
+             for dtype in args.dtype for D in args.hidden for V in args.vocab
+             for N in ([rows_for[V]] if V in rows_for else args.rows) for n in heads]
+    for case in cases:
+        print(f"{case.label()}:", file=sys.stderr, flush=True)
+        rows = B.compare(case, paths=args.paths, repeats=args.repeats, memory=not args.no_memory,
+                         log=lambda s: print(s, file=sys.stderr, flush=True))
+        results.append((case, rows))
+        table = B.format_table(case, rows)
+        print(table + "\n", flush=True)
+        out.append(table + "\n")
+        if args.out:  # after every case: a long run keeps what it measured
+            with open(args.out, "w") as f:
+                f.write("\n".join(out))
+    if len(results) > 1 and "fused" in args.paths:
+        summary = B.format_summary(results)
+        print(summary, flush=True)
+        out.append(summary)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(out))
     if args.out:
         print(f"wrote {args.out}")
     if args.plot:
@@ -202,8 +218,10 @@ def main(argv=None) -> int:
     b.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="numbers of heads n")
     b.add_argument("--rows", type=int, nargs="+", default=[4096],
                    help="rows per head N (batch x sequence)")
-    b.add_argument("--hidden", type=int, default=1024, help="hidden size D")
+    b.add_argument("--hidden", type=int, nargs="+", default=[1024], help="hidden sizes D")
     b.add_argument("--vocab", type=int, nargs="+", default=[32768], help="vocabulary sizes V")
+    b.add_argument("--rows-for", type=_vocab_rows, nargs="+", metavar="V:N",
+                   help="rows per head for a vocabulary instead of --rows, e.g. 128256:1024")
     b.add_argument("--dtype", nargs="+", default=["fp32", "bf16"],
                    choices=["fp32", "bf16", "fp16"], help="input dtypes")
     b.add_argument("--paths", nargs="+", default=None,
@@ -234,7 +252,7 @@ def main(argv=None) -> int:
             ap.error(f"unknown path(s) {bad}; choose from {B.PATHS}")
         if args.replot and not args.plot:
             ap.error("--replot needs --plot FILE.png")
-        if min(args.heads) < 1 or min(min(args.rows), args.hidden, min(args.vocab)) < 1:
+        if min(args.heads + args.rows + args.hidden + args.vocab) < 1:
             ap.error("--heads, --rows, --hidden and --vocab must be positive")
         return bench(args)
     return 2

@@ -223,7 +223,9 @@ def test_16bit_weight_gradient_bad_choice(monkeypatch):
     monkeypatch.setenv("MTP_EXT_CPU_DW16", "fast")
     h, w, _, y = make_inputs(8, 4, 20, torch.bfloat16, seed=1)
     with pytest.raises(RuntimeError, match="MTP_EXT_CPU_DW16 must be mkl or slabs, got fast"):
-        mtp_ext.linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), y).backward()
+        # chunks of 4 rows: the weight gradient accumulates (one chunk would be one direct GEMM)
+        mtp_ext.linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), y,
+                                     chunk_size=4).backward()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -181,9 +181,10 @@ void row_gradient(S* z, int64_t V, int64_t y, A z_y, const GradCoef<A>& k, const
   }
 }
 
-// block_max_seen: scratch of one entry per block of the row.
+// block_max_seen: scratch of one entry per block of the row; row_exp: scratch of V entries for
+// 16-bit logits with gradients (else null).
 template <class A, class S>
-void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
+void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen, A* row_exp) {
   const LossOptions& o = p.opt;
   const int64_t V = o.vocab;
   S* z = p.z + r * p.ld_z;
@@ -200,10 +201,13 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
     return;
   }
   // Pass A: running max and sum of exponentials over the blocks, sum of z, argmax (the first
-  // index of the maximum, found in the block that raised it). With float32/float64 storage and
-  // no softcap, the exponentials are kept in place for pass B.
+  // index of the maximum, found in the block that raised it). Without softcap the exponentials
+  // are kept for pass B: in place over float32/float64 logits, in the thread's row_exp (the
+  // row in the arithmetic type, which stays in cache) over 16-bit ones; pass B is then one
+  // multiply-add per element instead of a conversion and an exponential.
   constexpr bool kSameType = std::is_same_v<A, S>;
-  const bool store_exp = kSameType && p.write_grad && !tf.capped();
+  const bool store_exp = p.write_grad && !tf.capped() && (kSameType || row_exp);
+  A* const e = kSameType ? same_type_or_null<A>(z) : row_exp;
   alignas(64) A buf[kBlock];
   A m = row_max_start<A>(), se = 0, sz = 0;
   int64_t arg = -1;
@@ -220,7 +224,7 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
     merge_block_max(m, se, bm);
     if (store_exp) {
       if (want_sum) sz += block_sums(v, b, m, true).second;
-      se += block_exp_store(v, same_type_or_null<A>(z) + j0, b, m);
+      se += block_exp_store(v, e + j0, b, m);
       block_max_seen[blk] = m;
     } else {
       const auto [bse, bsz] = block_sums(v, b, m, want_sum);
@@ -232,7 +236,8 @@ void process_row(const RowChunk<A, S>& p, int64_t r, A* block_max_seen) {
   if (!p.write_grad) return;  // (statistics mode never writes the gradient)
   const GradCoef<A> k = grad_coef(lse, p.scales[r], o);
   if (store_exp) {
-    row_gradient_from_exp(same_type_or_null<A>(z), V, y, k, block_max_seen);
+    row_gradient_from_exp(e, V, y, k, block_max_seen);
+    if constexpr (!kSameType) at::vec::convert(e, z, V);
   } else {
     row_gradient(z, V, y, z_y, k, tf);
   }
@@ -243,9 +248,13 @@ void rows_typed(const RowChunkTensors& c) {
   const RowChunk<A, S> p = row_chunk_of<A, S>(c);
   TORCH_CHECK(p.col_z == 1 || p.opt.vocab <= 1, "mtp_ext: row kernel given vocabulary-major logits");
   const int64_t blocks = (p.opt.vocab + kBlock - 1) / kBlock;
+  const bool exp_scratch = !std::is_same_v<A, S> && p.write_grad && !p.lse_in;
   at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> block_max_seen(blocks);
-    for (int64_t r = begin; r < end; ++r) process_row(p, r, block_max_seen.data());
+    std::vector<A> row_exp(exp_scratch ? p.opt.vocab : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      process_row(p, r, block_max_seen.data(), exp_scratch ? row_exp.data() : nullptr);
+    }
   });
 }
 
