@@ -273,14 +273,15 @@ def parse_tables(text: str):
 
 def plot(results, filename: str):
     """PNG of time and peak memory of each path against each quantity that varies in results
-    (a list of (Case, [Row])): heads n, vocabulary V, rows per head N. Needs matplotlib."""
+    (a list of (Case, [Row])): heads n, vocabulary V, rows per head N, hidden size D. Needs
+    matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("plots need matplotlib: pip install matplotlib (or 'mtp_ext[plot]')") from e
-    axes_of = {"n": "heads n", "V": "vocabulary V", "N": "rows per head N"}
+    axes_of = {"n": "heads n", "V": "vocabulary V", "N": "rows per head N", "D": "hidden size D"}
     varying = [a for a in axes_of if len({getattr(c, a) for c, _ in results}) > 1]
     if not varying:
         raise ValueError("nothing to plot: give several --heads, --vocab or --rows")
@@ -318,7 +319,8 @@ def plot(results, filename: str):
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)
     c0 = results[0][0]
-    fig.suptitle(f"MTP loss paths, D={c0.D}, {'fwd+bwd' if c0.backward else 'fwd'}, "
+    hidden = "" if "D" in varying else f"D={c0.D}, "
+    fig.suptitle(f"MTP loss paths, {hidden}{'fwd+bwd' if c0.backward else 'fwd'}, "
                  f"{c0.device}: time and peak memory")
     fig.tight_layout()
     fig.savefig(filename, dpi=110)
