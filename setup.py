@@ -14,13 +14,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # namespace with its own flags (ATen's), and chosen at run time (csrc/cpu/cpu_capability.cpp);
 # everything else is compiled for any CPU of the architecture, so one build serves every x86-64
 # machine. DEFAULT comes first: the linker keeps the first copy of the code the three share
-# (scripts/check_cpu_isa.py checks the result).
+# (scripts/check_cpu_isa.py checks the result). -Wno-psabi: GCC's note that passing vectors
+# changed ABI in GCC 4.6 concerns functions internal to these files.
 X86 = platform.machine() in ("x86_64", "AMD64")
 KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
 CAPABILITY_FLAGS = {
     "DEFAULT": ["-DCPU_CAPABILITY_DEFAULT"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"] if X86 else [],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-Wno-psabi", "-DCPU_CAPABILITY_AVX2"] if X86 else [],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-Wno-psabi",
                "-DCPU_CAPABILITY_AVX512"] if X86 else [],
 }
 
