@@ -20,8 +20,8 @@ X86 = platform.machine() in ("x86_64", "AMD64")
 KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
 CAPABILITY_FLAGS = {
     "DEFAULT": ["-DCPU_CAPABILITY_DEFAULT"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-Wno-psabi", "-DCPU_CAPABILITY_AVX2"] if X86 else [],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-Wno-psabi",
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"] if X86 else [],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                "-DCPU_CAPABILITY_AVX512"] if X86 else [],
 }
 
@@ -29,10 +29,11 @@ CAPABILITY_FLAGS = {
 class BuildExtension(cpp_extension.BuildExtension):
     def build_extension(self, ext):
         for cap, flags in CAPABILITY_FLAGS.items():
+            flags = flags + ["-Wno-psabi", f"-DCPU_CAPABILITY={cap}"]
             ext.extra_objects += self.compiler.compile(
                 KERNEL_SOURCES, output_dir=os.path.join(self.build_temp, cap.lower()),
                 macros=ext.define_macros, include_dirs=ext.include_dirs,
-                extra_postargs=ext.extra_compile_args["cxx"] + flags + [f"-DCPU_CAPABILITY={cap}"])
+                extra_postargs=ext.extra_compile_args["cxx"] + flags)
         super().build_extension(ext)
 
 
