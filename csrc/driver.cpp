@@ -39,15 +39,19 @@ struct Pass {
   LossOptions opt;
 };
 
+// A chunk's rows share one head's weight and bias: with anything per head (weight or bias),
+// chunks stop at head boundaries.
+bool chunks_stop_at_heads(const Pass& p) {
+  return p.w.dim() == 3 || (p.bias.defined() && p.bias.dim() == 2);
+}
+
 void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t R = p.x.size(0);
   if (R == 0) return;
   const int64_t V = p.opt.vocab;
   const int64_t N = p.rows_per_head;
   const bool shared = p.w.dim() == 2;
-  // A chunk's rows share one head's weight and bias: with anything per head (weight or bias),
-  // chunks stop at head boundaries.
-  const bool per_head = !shared || (p.bias.defined() && p.bias.dim() == 2);
+  const bool per_head = chunks_stop_at_heads(p);
   // The workspace holds the logits in the input dtype (fp32 for fp32 inputs; for 16-bit inputs
   // the GEMM rounds them to 16 bits, as PyTorch does, and all arithmetic after it is fp32), and
   // pass B writes the gradient over them.
@@ -174,8 +178,8 @@ Pass make_pass(const DeviceKernels& dev, const at::Tensor& hidden, const at::Ten
   p.opt.vocab_total = vocab_total;
   if (want_grad) {
     if (grad_mask[0]) p.dx = at::empty_like(p.x);
-    const bool one_chunk = n * N > 0 && n * N <= p.chunk_rows &&
-                           (n == 1 || !p.bias.defined() || p.bias.dim() == 1);
+    const bool one_chunk =
+        n * N > 0 && n * N <= p.chunk_rows && (n == 1 || !chunks_stop_at_heads(p));
     if (grad_mask[1] && weight.dim() == 2 && weight.scalar_type() != acc && one_chunk) {
       p.dw_out = at::empty(weight.sizes(), weight.options());
       p.dw_direct = true;
@@ -229,8 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto red = static_cast<Reduction>(reduction);
   const bool want_grad =
       red != Reduction::None && (grad_mask[0] || grad_mask[1] || grad_mask[2]);
-  Pass p = make_pass(dev, hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
-                     chunk_rows, grad_mask, want_grad);
+  Pass p = make_pass(dev, hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss,
+                     softcap, chunk_rows, grad_mask, want_grad);
   const int64_t n = hidden.size(0), N = hidden.size(1);
   const auto acc = acc_type_of(hidden.scalar_type());
   const auto acc_opts = hidden.options().dtype(acc);
@@ -274,8 +278,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const at::Tensor& lse, int64_t ignore_index, double label_smoothing, double z_loss,
     double softcap, int64_t chunk_rows, std::array<bool, 3> grad_mask, int64_t vocab_start,
     int64_t vocab_total) {
-  Pass p = make_pass(dev, hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss, softcap,
-                     chunk_rows, grad_mask, /*want_grad=*/true, vocab_start, vocab_total);
+  Pass p = make_pass(dev, hidden, weight, bias, targets, ignore_index, label_smoothing, z_loss,
+                     softcap, chunk_rows, grad_mask, /*want_grad=*/true, vocab_start, vocab_total);
   check_device("grad_rows", grad_rows, hidden);
   check_device("lse", lse, hidden);
   dev.check_targets(p.targets, p.opt.total_vocab(), ignore_index);

@@ -84,9 +84,10 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: Optional[
 
 def _fused_forward(self, *args, **kwargs):
     original = getattr(self, _ORIGINAL)
-    bound = inspect.signature(original).bind_partial(*args, **kwargs).arguments
+    signature = inspect.signature(original)
+    bound = signature.bind_partial(*args, **kwargs).arguments
     extra = {}
-    for name, param in inspect.signature(original).parameters.items():
+    for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
             extra = bound.pop(name)
     arguments = {**bound, **extra}

@@ -248,7 +248,9 @@ void rows_typed(const RowChunkTensors& c) {
   const RowChunk<A, S> p = row_chunk_of<A, S>(c);
   TORCH_CHECK(p.col_z == 1 || p.opt.vocab <= 1, "mtp_ext: row kernel given vocabulary-major logits");
   const int64_t blocks = (p.opt.vocab + kBlock - 1) / kBlock;
-  const bool exp_scratch = !std::is_same_v<A, S> && p.write_grad && !p.lse_in;
+  // process_row keeps 16-bit rows' exponentials here (without softcap; see there)
+  const bool exp_scratch =
+      !std::is_same_v<A, S> && p.write_grad && !p.lse_in && !(p.opt.softcap > 0);
   at::parallel_for(0, p.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> block_max_seen(blocks);
     std::vector<A> row_exp(exp_scratch ? p.opt.vocab : 0);
