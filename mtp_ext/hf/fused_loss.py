@@ -1,5 +1,4 @@
-"""Hugging Face transformers: the fused loss for a causal LM (the `hf` extra:
-pip install 'mtp_ext[hf]', which adds transformers).
+"""The fused loss for a Hugging Face causal LM.
 
     model = AutoModelForCausalLM.from_pretrained(...)
     mtp_ext.hf.use_fused_loss(model)       # model(input_ids, labels=labels).loss, no logits
@@ -23,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .loss import linear_cross_entropy
+from ..loss import linear_cross_entropy
 
 # model_type -> the config attribute holding a final logit softcap (None: the family has none).
 # Families whose causal LM computes logits = lm_head(last hidden state) [+ softcap] and the
