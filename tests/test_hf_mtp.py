@@ -199,13 +199,17 @@ def test_compile_checkpointing_and_autocast():
                     want_g["heads.0.mlp.down_proj.weight"]) <= 5e-2
 
 
-def test_trainer_fine_tune_lowers_every_heads_validation_loss():
+@pytest.mark.parametrize("options", [{}, {"bf16": True, "checkpointing": True}])
+def test_trainer_fine_tune_lowers_every_heads_validation_loss(options):
     """The example (python -m mtp_ext.hf.finetune), small: a random Llama made an MTP model and
-    trained with Trainer on the corpus; every head's validation loss goes down."""
+    trained with Trainer on the corpus (fp32; bf16 autocast with activation checkpointing);
+    every head's validation loss goes down."""
     pytest.importorskip("accelerate")
     from mtp_ext.hf import finetune
     r = finetune.run(n_future=3, steps=30, batch=4, seq_len=64, hidden=64, layers=2,
-                     val_batches=2, new_tokens=8, log=lambda *a: None)
+                     val_batches=2, new_tokens=8, log=lambda *a: None, **options)
+    if options.get("checkpointing"):
+        assert all(h.gradient_checkpointing for h in r["model"].heads)
     assert len(r["before"]) == len(r["after"]) == 3
     for k, (b, a) in enumerate(zip(r["before"], r["after"])):
         assert a < b - 0.5, (k, b, a)

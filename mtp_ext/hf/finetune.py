@@ -61,6 +61,7 @@ def small_llama(vocab_size: int = 256, hidden: int = 256, layers: int = 4, heads
 
 def run(n_future: int = 4, steps: int = 300, batch: int = 8, seq_len: int = 256,
         hidden: int = 256, layers: int = 4, lr: float = 3e-3, seed: int = 0, bf16: bool = False,
+        checkpointing: bool = False,
         val_batches: int = 8, out: Optional[str] = None, data: Optional[str] = None,
         prompt: str = "    def __init__(self", new_tokens: int = 64, log=print) -> dict:
     torch.manual_seed(seed)
@@ -74,7 +75,7 @@ def run(n_future: int = 4, steps: int = 300, batch: int = 8, seq_len: int = 256,
         output_dir=out or scratch.name, max_steps=steps, per_device_train_batch_size=batch,
         learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=min(30, steps // 10),
         adam_beta2=0.95, weight_decay=0.1, logging_steps=max(1, steps // 10),
-        save_strategy="no", report_to=[], bf16=bf16, use_cpu=not torch.cuda.is_available(), seed=seed, dataloader_num_workers=0,
+        save_strategy="no", report_to=[], bf16=bf16, activation_checkpointing=checkpointing, use_cpu=not torch.cuda.is_available(), seed=seed, dataloader_num_workers=0,
         disable_tqdm=True)
     dataset = _Windows(train_data, steps * batch, seq_len, seed)
     trainer = transformers.Trainer(model=mtp, args=args, train_dataset=dataset)
@@ -109,11 +110,12 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="Trainer's bf16 mixed precision")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--data", help="a folder of text files (default: the standard library)")
     p.add_argument("--out", help="save the trained model here")
     a = p.parse_args(argv)
     run(n_future=a.n_future, steps=a.steps, batch=a.batch, seq_len=a.seq_len, hidden=a.hidden,
-        layers=a.layers, lr=a.lr, seed=a.seed, bf16=a.bf16, data=a.data, out=a.out)
+        layers=a.layers, lr=a.lr, seed=a.seed, bf16=a.bf16, checkpointing=a.checkpointing, data=a.data, out=a.out)
 
 
 if __name__ == "__main__":
