@@ -178,9 +178,19 @@ Pass make_pass(const DeviceKernels& dev, const at::Tensor& hidden, const at::Ten
   p.opt.vocab_total = vocab_total;
   if (want_grad) {
     if (grad_mask[0]) p.dx = at::empty_like(p.x);
-    const bool one_chunk =
-        n * N > 0 && n * N <= p.chunk_rows && (n == 1 || !chunks_stop_at_heads(p));
-    if (grad_mask[1] && weight.dim() == 2 && weight.scalar_type() != acc && one_chunk) {
+    const bool shared16 = grad_mask[1] && weight.dim() == 2 && weight.scalar_type() != acc;
+    const bool may_be_one = n * N > 0 && (n == 1 || !chunks_stop_at_heads(p));
+    // A 16-bit shared weight, chunk size not given: one chunk of every row when its logits take
+    // no more memory than the fp32 dW accumulator and the workspace they replace. dW is then
+    // one GEMM; in chunks, each chunk's product is added into the [V, D] fp32 accumulator,
+    // which at a large vocabulary costs more memory traffic than the GEMM's own.
+    const int64_t V = weight.size(-2);
+    const int64_t acc_bytes = c10::elementSize(acc);
+    if (shared16 && may_be_one && chunk_rows <= 0 &&
+        n * N * V * hidden.element_size() <= kWorkspaceBudgetBytes + V * D * acc_bytes)
+      p.chunk_rows = n * N;
+    const bool one_chunk = may_be_one && n * N <= p.chunk_rows;
+    if (shared16 && one_chunk) {
       p.dw_out = at::empty(weight.sizes(), weight.options());
       p.dw_direct = true;
     } else if (grad_mask[1] && weight.dim() == 3 && weight.scalar_type() != acc) {

@@ -1,9 +1,17 @@
 """No rows x V tensor: the peak memory of a fused forward+backward stays within the workspace
 budget above its outputs, the same for 1 and 4 heads, while rows x V x 4 bytes is far above it.
 Measured by the benchmark's probe: the peak RSS rise over a warm step, in a fresh process."""
-import pytest
+import collections
 
+import pytest
+import torch
+from torch.profiler import profile
+
+import mtp_ext
 from mtp_ext import benchmark as B
+from mtp_ext import reference
+
+from conftest import as64, loss_and_grads, make_inputs, norm_err
 
 MiB = 1 << 20
 BUDGET = 64 * MiB
@@ -33,3 +41,34 @@ def test_fused_peak_memory_is_flat_and_within_budget(dtype):
 def test_reference_path_is_caught_materializing_logits():
     """The probe detects a rows x V allocation: the reference path must exceed it."""
     assert extra_over_gradients("reference", 1, "fp32") >= N * V * 4
+
+
+def gemm_calls(N, Dh, Vw, dtype):
+    """The aten calls of one fused forward+backward (torch.profiler): GEMMs and zero-fills."""
+    h, w, _, y = make_inputs(N, Dh, Vw, dtype, seed=3)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    with profile() as prof:
+        mtp_ext.linear_cross_entropy(h, w, y).backward()
+    return collections.Counter(e.name for e in prof.events())
+
+
+def test_16bit_weight_gradient_in_one_chunk_where_it_costs_no_memory():
+    """A 16-bit shared weight: when the 16-bit logits of every row take no more memory than the
+    fp32 dW accumulator and the 64 MiB workspace, the loss is one chunk whose dW is one GEMM
+    (3 GEMMs, no accumulator to zero); above that bound, chunks and the accumulator; float32
+    weights (their gradient is their own accumulator) keep the workspace's chunks; the one
+    chunk's gradients are within twice the PyTorch bf16 path's error against float64."""
+    Dh, Vw = 256, 65536  # fp32 accumulator: 64 MiB; bound: 128 MiB of bf16 logits = 1024 rows
+    one = gemm_calls(1024, Dh, Vw, torch.bfloat16)
+    assert one["aten::mm"] == 3 and one["aten::zeros"] == 0, one
+    chunked = gemm_calls(1040, Dh, Vw, torch.bfloat16)
+    assert chunked["aten::mm"] > 3 and chunked["aten::zeros"] >= 1, chunked
+    fp32 = gemm_calls(1024, Dh, Vw, torch.float32)
+    assert fp32["aten::mm"] + fp32["aten::addmm_"] > 3, fp32
+    h, w, _, y = make_inputs(1024, Dh, Vw, torch.bfloat16, seed=4)
+    want, want_g = loss_and_grads(reference.linear_cross_entropy, (as64(h), as64(w), y))
+    own, own_g = loss_and_grads(reference.linear_cross_entropy, (h, w, y))
+    got, got_g = loss_and_grads(mtp_ext.linear_cross_entropy, (h, w, y))
+    assert norm_err(got, want) <= 2 * norm_err(own, want) + 1e-6
+    for g, o, r in zip(got_g[:2], own_g[:2], want_g[:2]):  # dH, dW
+        assert norm_err(g, r) <= 2 * norm_err(o, r) + 1e-6
