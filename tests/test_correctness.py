@@ -198,10 +198,11 @@ def test_fp16_bf16_logits_error_bounded(V, device):
 
 @pytest.mark.parametrize("path", ["default", "mkl", "slabs"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_weight_gradient_paths(dtype, path, monkeypatch):
+@pytest.mark.parametrize("N,D", [(200, 48), (40, 2048)])  # D = 2048: 3 slabs of <= 1024 rows
+def test_16bit_weight_gradient_paths(N, D, dtype, path, monkeypatch):
     """Each CPU path of the 16-bit weight gradient, forced (MTP_EXT_CPU_DW16), within the accuracy
     bound, and it is that path that ran (the op counts the calls of each); by default MKL's
-    mixed GEMM, except bf16 on a CPU without AMX: the ATen slabs."""
+    mixed GEMM, except bf16 on a CPU without AMX: the ATen slabs (4 MiB of product each)."""
     info = torch.ops.mtp_ext._cpu_dw16_gemm_info
     mkl_available, amx = info()[2:]
     if path == "mkl" and not mkl_available:
@@ -209,7 +210,7 @@ def test_16bit_weight_gradient_paths(dtype, path, monkeypatch):
     if path != "default":
         monkeypatch.setenv("MTP_EXT_CPU_DW16", path)
     before = info()[:2]
-    check_against_f64(dtype, 200, 48, 3001, {}, bias=True, reduction="mean", chunk_size=64,
+    check_against_f64(dtype, N, D, 3001, {}, bias=True, reduction="mean", chunk_size=16,
                       seed=31)
     ran = [a - b for a, b in zip(info()[:2], before)]
     if path == "default":

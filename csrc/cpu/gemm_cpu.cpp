@@ -1,6 +1,8 @@
 #include "gemm_cpu.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
@@ -40,7 +42,8 @@ using MixedGemm = void (*)(int, int, int, int, int, int, float, const uint16_t*,
 // dW in place), or ATen's 16-bit GEMM per vocabulary slab. bf16 takes MKL's where the CPU has
 // AMX, the slabs elsewhere: on an AMD EPYC with AVX512-BF16 and no AMX (2 threads, n = 4,
 // N = 4096, V = 32768, forward and backward) the whole loss took 1.96x (D = 1024) and 2.09x
-// (D = 512) the GEMM floor with MKL's, 1.04x and 1.05x with the slabs. fp16 takes MKL's: on the
+// (D = 512) the GEMM floor with MKL's, 1.04x and 1.05x with the slabs added through ATen's add_
+// (which converts into a temporary first), 0.99x and 1.01x with add_into. fp16 takes MKL's: on the
 // same CPU it was the faster of the two (0.88x against 0.99x the floor at N = 512, D = 256; both
 // far slower than bf16, as fp16 GEMMs are there). MTP_EXT_CPU_DW16=mkl|slabs forces one (the
 // tests run both).
@@ -63,6 +66,24 @@ const uint16_t* u16(const at::Tensor& t) { return static_cast<const uint16_t*>(t
 int as_int(int64_t v) {
   TORCH_CHECK(v <= INT32_MAX, "mtp_ext: GEMM dimension ", v, " exceeds the 32-bit BLAS interface");
   return static_cast<int>(v);
+}
+
+// acc += p, p 16-bit [len, D] contiguous, acc fp32 rows of stride acc.stride(0): one pass over
+// both (ATen's add_ of a 16-bit tensor into a float one converts into a temporary first).
+void add_into(const at::Tensor& acc, const at::Tensor& p) {
+  const int64_t rows = p.size(0), D = p.size(1), ld = acc.stride(0);
+  float* a = acc.data_ptr<float>();
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(p.scalar_type(), "mtp_ext_add_into", [&] {
+    const scalar_t* q = p.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, D)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t r = r0; r < r1; ++r) {
+                         float* ar = a + r * ld;
+                         const scalar_t* qr = q + r * D;
+                         for (int64_t j = 0; j < D; ++j) ar[j] += static_cast<float>(qr[j]);
+                       }
+                     });
+  });
 }
 
 }  // namespace
@@ -101,9 +122,12 @@ void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   // GEMM may make are each at most kSlabBytes.
   const int64_t s =
       std::max<int64_t>(16, kSlabBytes / (std::max<int64_t>({1, D, c}) * x.element_size()));
+  at::Tensor prod = at::empty({s, D}, x.options());
   for (int64_t v0 = 0; v0 < V; v0 += s) {
     const int64_t len = std::min(s, V - v0);
-    dw_acc.narrow(0, v0, len).add_(at::mm(g.narrow(1, v0, len).t(), x));
+    at::Tensor p = prod.narrow(0, 0, len);
+    at::mm_out(p, g.narrow(1, v0, len).t(), x);
+    add_into(dw_acc.narrow(0, v0, len), p);
   }
 }
 
