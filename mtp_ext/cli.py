@@ -200,7 +200,8 @@ def _add_generate(sub):
     g.add_argument("--prompt", required=True, help="the text to continue")
     g.add_argument("--max-new-tokens", type=int, default=128, help="bytes to generate")
     g.add_argument("--speculative", action="store_true",
-                   help="greedy self-speculative decoding with the extra heads")
+                   help="self-speculative decoding with the extra heads (greedy, or "
+                   "speculative sampling with --temperature)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     g.add_argument("--stop-byte", type=int, default=None, help="stop at this byte value")

@@ -1,6 +1,23 @@
-"""Decoding with an MTPTransformer: greedy or sampled, and greedy self-speculative decoding
-(blockwise parallel decoding, Stern et al. 2018) that drafts with heads 1..n-1 and keeps the
-longest prefix the next-token head confirms, verifying and drafting in one forward pass."""
+"""Decoding with an MTP model: plain or self-speculative, greedy or sampled.
+
+Self-speculative decoding (blockwise parallel decoding, Stern et al. 2018): each step feeds the
+next token and the drafts of heads 1..n-1 for the tokens after it, and keeps the longest run of
+drafts that the next-token head confirms, verifying and drafting in one forward pass. Greedy,
+a draft is confirmed when it is head 0's choice; sampled (temperature > 0), by speculative
+sampling (Leviathan et al. 2023, Chen et al. 2023): draft x, drawn from its head's distribution
+q, is kept with probability min(1, p(x) / q(x)), p being head 0's distribution at that place,
+and the first rejected one is replaced by a draw from max(0, p - q), normalized. Either way the
+output has the distribution of plain decoding (greedy: the same tokens).
+
+In a batch each sequence advances by its own accepted run and leaves the batch when it is done,
+where the model takes positions per sequence (`per_row_positions`, as MTPTransformer does);
+another model (mtp_ext.hf's adapter) decodes the sequences of a batch one at a time.
+
+A model offers: cfg.n_future, cfg.max_seq_len, new_caches(B), and forward_cached(ids [B, T],
+caches, heads, positions) -> logits [heads, B, T, V] of the T new tokens after `positions`
+[B] tokens already in the caches (per_row_positions) or after caches[0].length (then
+caches[i].truncate(length) forgets positions past a length).
+"""
 from __future__ import annotations
 
 import time
@@ -12,18 +29,26 @@ import torch
 
 @dataclass
 class GenerateOutput:
-    tokens: torch.Tensor        # [B, P + new]: prompt and generated tokens (after a sequence's
-                                # stop token, the stop token repeats)
-    new_tokens: int             # tokens generated per sequence
+    tokens: torch.Tensor        # [B, P + new_tokens]: prompt and generated tokens; after a
+                                # sequence's stop token the stop token repeats; with prompts of
+                                # different lengths, sequence b is tokens[b, :lengths[b]], padded
+                                # after it with the stop token (0 without one)
+    new_tokens: int             # tokens generated per sequence (the most of any sequence)
     forward_passes: int         # model forwards, the prompt's included
     wall_seconds: float
     head_proposed: List[int] = field(default_factory=list)  # drafts of head k checked
     head_accepted: List[int] = field(default_factory=list)  # drafts of head k accepted
+    lengths: Optional[torch.Tensor] = None  # [B] prompt + generated tokens of each sequence
+    sequence_tokens: Optional[torch.Tensor] = None    # [B] tokens generated until the stop
+    sequence_forwards: Optional[torch.Tensor] = None  # [B] forwards each sequence took part in
 
     @property
     def tokens_per_forward(self) -> float:
-        """Generated tokens per forward pass (the prompt's forward yields the first token)."""
-        return self.new_tokens / max(1, self.forward_passes)
+        """Generated tokens per forward pass a sequence took part in (the prompt's forward
+        yields the first token), over the batch's sequences."""
+        if self.sequence_tokens is None:
+            return self.new_tokens / max(1, self.forward_passes)
+        return float(self.sequence_tokens.sum()) / max(1, int(self.sequence_forwards.sum()))
 
     @property
     def acceptance(self) -> List[float]:
@@ -33,95 +58,207 @@ class GenerateOutput:
     def stats(self) -> dict:
         return {"new_tokens": self.new_tokens, "forward_passes": self.forward_passes,
                 "tokens_per_forward": self.tokens_per_forward, "wall_seconds": self.wall_seconds,
-                "tokens_per_second": self.new_tokens * self.tokens.shape[0] / max(self.wall_seconds, 1e-9),
+                "tokens_per_second": float(self.sequence_tokens.sum()) / max(self.wall_seconds, 1e-9)
+                if self.sequence_tokens is not None else
+                self.new_tokens * self.tokens.shape[0] / max(self.wall_seconds, 1e-9),
                 "head_acceptance": self.acceptance}
 
 
-def _pick(logits, temperature, top_k, generator):
-    """logits [B, V] -> token ids [B]."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+class _Sampler:
+    """Greedy (temperature 0) or sampling from softmax(logits / temperature) over the top_k."""
+
+    def __init__(self, temperature: float, top_k: Optional[int], generator):
+        self.temperature, self.top_k, self.generator = temperature, top_k, generator
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def probs(self, logits):
+        """logits [..., V] -> the sampling distribution [..., V] (float32)."""
+        logits = logits.float() / self.temperature
+        if self.top_k is not None:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return logits.softmax(-1)
+
+    def draw(self, probs):
+        """probs [A, V] -> token ids [A]."""
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+    def pick(self, logits):
+        """logits [A, V] -> token ids [A]."""
+        return logits.argmax(-1) if self.greedy else self.draw(self.probs(logits))
+
+    def uniform(self, shape, device):
+        return torch.rand(shape, generator=self.generator, device=device)
 
 
-def generate(model, input_ids, max_new_tokens: int, *, speculative: bool = False,
-             stop_token: Optional[int] = None, temperature: float = 0.0,
-             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None
-             ) -> GenerateOutput:
+def _check(model, input_ids, max_new_tokens, speculative, temperature, top_k, prompt_lengths):
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [B, P] with P >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if speculative and temperature > 0:
-        raise ValueError("speculative decoding is greedy: use temperature=0")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    n = model.cfg.n_future
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     B, P = input_ids.shape
-    extra = n if speculative else 1
+    extra = model.cfg.n_future if speculative else 1
     if P + max_new_tokens + extra > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) + {extra} exceeds "
                          f"max_seq_len {model.cfg.max_seq_len}")
+    if prompt_lengths is None:
+        return torch.full((B,), P, dtype=torch.long)
+    lens = torch.as_tensor(prompt_lengths, dtype=torch.long).cpu()
+    if lens.shape != (B,) or bool((lens < 1).any()) or bool((lens > P).any()):
+        raise ValueError(f"prompt_lengths must be [B] = [{B}] values in [1, {P}], got "
+                         f"{lens.tolist()}")
+    return lens
+
+
+def generate(model, input_ids, max_new_tokens: int, *, speculative: bool = False,
+             stop_token: Optional[int] = None, temperature: float = 0.0,
+             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             prompt_lengths=None) -> GenerateOutput:
+    """input_ids [B, P]: prompts (right-padded when prompt_lengths [B] gives their lengths).
+    Each sequence gets max_new_tokens tokens, or fewer up to and including stop_token."""
+    lens = _check(model, input_ids, max_new_tokens, speculative, temperature, top_k,
+                  prompt_lengths)
+    B = input_ids.shape[0]
+    if B > 1 and not getattr(model, "per_row_positions", False):
+        outs = [generate(model, input_ids[b:b + 1, :int(lens[b])], max_new_tokens,
+                         speculative=speculative, stop_token=stop_token,
+                         temperature=temperature, top_k=top_k, generator=generator)
+                for b in range(B)]
+        return _stack(outs, stop_token)
     was_training = model.training
     model.eval()
+    try:
+        return _decode(model, input_ids, lens, max_new_tokens, speculative, stop_token,
+                       _Sampler(temperature, top_k, generator))
+    finally:
+        model.train(was_training)
+
+
+def _stack(outs, stop_token) -> GenerateOutput:
+    """One GenerateOutput of a batch from those of its sequences decoded one at a time."""
+    width = max(o.tokens.shape[1] for o in outs)
+    pad = 0 if stop_token is None else stop_token
+    tokens = torch.full((len(outs), width), pad, dtype=outs[0].tokens.dtype,
+                        device=outs[0].tokens.device)
+    for b, o in enumerate(outs):
+        tokens[b, :o.tokens.shape[1]] = o.tokens[0]
+    cat = lambda name: torch.cat([getattr(o, name) for o in outs])
+    return GenerateOutput(tokens, max(o.new_tokens for o in outs),
+                          sum(o.forward_passes for o in outs), sum(o.wall_seconds for o in outs),
+                          [sum(x) for x in zip(*(o.head_proposed for o in outs))],
+                          [sum(x) for x in zip(*(o.head_accepted for o in outs))],
+                          cat("lengths"), cat("sequence_tokens"), cat("sequence_forwards"))
+
+
+def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler) -> GenerateOutput:
+    n = model.cfg.n_future
+    B, P = input_ids.shape
+    dev = input_ids.device
+    per_row = getattr(model, "per_row_positions", False)
+    spec = speculative and n > 1
+    heads = n if spec else 1
     t0 = time.perf_counter()
     caches = model.new_caches(B)
-    # plain decoding needs the next-token head only; speculative decoding runs every head
-    heads = n if speculative else 1
-    logits = model.forward_cached(input_ids, caches, heads)[:, :, -1]  # [heads, B, V], last position
+
+    def forward(ids, pos):  # pos [A]: tokens already cached of each active sequence
+        if per_row:
+            return model.forward_cached(ids, caches, heads, positions=pos)
+        for c in caches:  # one sequence: cut back to its length
+            c.truncate(int(pos[0]))
+        return model.forward_cached(ids, caches, heads)
+
+    pad = 0 if stop_token is None else stop_token
+    gen = torch.full((B, max_new + n), pad, dtype=input_ids.dtype, device=dev)
+    made = torch.zeros(B, dtype=torch.long, device=dev)  # tokens generated, a stop token included
+    fwd = torch.ones(B, dtype=torch.long, device=dev)    # forwards each sequence took part in
+    proposed = torch.zeros(max(n - 1, 0), dtype=torch.long, device=dev)
+    accepted = torch.zeros(max(n - 1, 0), dtype=torch.long, device=dev)
+    steps = torch.arange(max(n - 1, 0), device=dev)
+    rows = torch.arange(B, device=dev)  # original index of each active sequence
+    pos = lens.to(dev)                  # tokens cached of each active sequence
+
+    def emit(tok, count):
+        """Appends the first count[a] tokens of tok [A, m] to active sequence a, at most up to
+        max_new and up to its first stop token; returns which sequences go on."""
+        m = tok.shape[1]
+        j = torch.arange(m, device=dev)
+        take = j[None, :] < torch.minimum(count, max_new - made[rows])[:, None]
+        hit = torch.zeros_like(take[:, 0])
+        if stop_token is not None:  # nothing after the first stop token
+            is_stop = (tok == stop_token) & take
+            take = take & ((is_stop.long().cumsum(1) - is_stop.long()) == 0)
+            hit = is_stop.any(1)
+        at = made[rows][:, None] + j[None, :]
+        gen[rows[:, None].expand(-1, m)[take], at[take]] = tok[take]
+        made[rows] += take.sum(1)
+        return ~hit & (made[rows] < max_new)
+
     forwards = 1
-    out = [input_ids]
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    made = 0
-    proposed = torch.zeros(max(n - 1, 0), dtype=torch.long)
-    accepted = torch.zeros(max(n - 1, 0), dtype=torch.long)
-    steps = torch.arange(n - 1)
-
-    def emit(tok):  # tok [B, m]; finished sequences repeat their stop token
-        nonlocal done
-        if stop_token is not None:
-            tok = tok.clone()
-            for j in range(tok.shape[1]):
-                tok[done, j] = stop_token
-                done = done | (tok[:, j] == stop_token)
-        out.append(tok)
-
-    while made < max_new_tokens and not bool(done.all()):
-        nxt = _pick(logits[0], temperature, top_k, generator)  # the verified next token
-        if not speculative or n == 1 or made + 1 == max_new_tokens:
-            emit(nxt[:, None])
-            made += 1
-            if made < max_new_tokens and not bool(done.all()):
-                logits = model.forward_cached(nxt[:, None], caches, heads)[:, :, -1]
-                forwards += 1
+    last = forward(input_ids, torch.zeros(B, dtype=torch.long, device=dev))[:, rows, pos - 1]
+    nxt = sampler.pick(last[0])  # the next token of each active sequence, decided and emitted
+    alive = emit(nxt[:, None], torch.ones_like(nxt))
+    while True:
+        if not bool(alive.all()):  # finished sequences leave the batch
+            keep = alive.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            rows, pos, last, nxt = rows[keep], pos[keep], last[:, keep], nxt[keep]
+            for c in caches:
+                c.select(keep)
+        if not spec:
+            last = forward(nxt[:, None], pos)[:, :, 0]
+            forwards += 1
+            fwd[rows] += 1
+            pos = pos + 1
+            nxt = sampler.pick(last[0])
+            alive = emit(nxt[:, None], torch.ones_like(nxt))
             continue
-        drafts = logits[1:].argmax(-1).t()                   # [B, n-1]
-        block = torch.cat([nxt[:, None], drafts], dim=1)     # [B, n]
-        start = caches[0].length
-        block_logits = model.forward_cached(block, caches)   # [n, B, n, V]
+        q = None if sampler.greedy else sampler.probs(last[1:])            # [n-1, A, V]
+        drafts = (last[1:].argmax(-1) if q is None else
+                  torch.stack([sampler.draw(q[i]) for i in range(n - 1)])).t()  # [A, n-1]
+        logits = forward(torch.cat([nxt[:, None], drafts], 1), pos)        # [n, A, n, V]
         forwards += 1
-        verify = block_logits[0].argmax(-1)                  # head 0 after each block token
-        # drafts[:, i] is right when it equals head 0's choice after block[:, i]
-        ok = (drafts == verify[:, :-1])
-        run = ok.long().cumprod(dim=1).sum(dim=1)            # accepted drafts per sequence
-        active = ~done
-        m_acc = int(run[active].min()) if bool(active.any()) else 0
-        m = min(1 + m_acc, max_new_tokens - made)           # tokens taken from the block
-        # head k+1's draft was checked where the drafts before it were all accepted
-        checked = active[:, None] & (run[:, None] >= steps)                # [B, n-1]
+        fwd[rows] += 1
+        ar = torch.arange(rows.numel(), device=dev)
+        # draft i (block index i + 1) is checked by head 0 after the block's first i + 1 tokens
+        if q is None:
+            ok = drafts == logits[0, :, :-1].argmax(-1)
+        else:
+            p = sampler.probs(logits[0])                                    # [A, n, V]
+            p_d = p[:, :-1].gather(2, drafts[:, :, None]).squeeze(2)        # [A, n-1]
+            q_d = q.permute(1, 0, 2).gather(2, drafts[:, :, None]).squeeze(2)
+            ok = sampler.uniform(p_d.shape, dev) * q_d < p_d                # u < p(x) / q(x)
+        run = ok.long().cumprod(1).sum(1)                                   # drafts accepted
+        checked = run[:, None] >= steps
         proposed += checked.sum(0)
         accepted += (checked & ok).sum(0)
-        emit(block[:, :m])
-        made += m
-        for c in caches:
-            c.truncate(start + m)
-        # the logits after the last kept token: head 0 verified, heads 1.. draft the next ones
-        logits = block_logits[:, :, m - 1]
+        # the next token: head 0 after the last kept one; sampled, the first rejected draft's
+        # place takes a draw from max(0, p - q), normalized
+        if q is None:
+            nxt = logits[0, ar, run].argmax(-1)
+        else:
+            p_next = p[ar, run]
+            q_next = q.permute(1, 0, 2)[ar, run.clamp(max=n - 2)]
+            resid = torch.where((run < n - 1)[:, None], (p_next - q_next).clamp(min=0), p_next)
+            resid = torch.where(resid.sum(1, keepdim=True) > 0, resid, p_next)  # p = q: p
+            nxt = sampler.draw(resid / resid.sum(1, keepdim=True))
+        last = logits[:, ar, run]
+        pos = pos + 1 + run
+        alive = emit(drafts, run)
+        alive = alive & emit(nxt[:, None], alive.long())
     wall = time.perf_counter() - t0
-    model.train(was_training)
-    return GenerateOutput(torch.cat(out, dim=1), made, forwards, wall, proposed.tolist(),
-                          accepted.tolist())
+    new = int(made.max()) if B else 0
+    tokens = torch.full((B, P + new), pad, dtype=input_ids.dtype, device=dev)
+    for b in range(B):  # each prompt, then its tokens (the stop token repeating after a stop)
+        L = int(lens[b])
+        tokens[b, :L] = input_ids[b, :L]
+        tokens[b, L:L + new] = gen[b, :new]
+    return GenerateOutput(tokens, new, forwards, wall, proposed.tolist(), accepted.tolist(),
+                          lens.to(dev) + new, made, fwd)

@@ -88,14 +88,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache: Optional["KVCache"] = None, mask=None):
+    def forward(self, x, cos, sin, cache: Optional["KVCache"] = None, mask=None, pos=None):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # T new positions after the cached ones: each sees the cache, itself and before
-            k, v = cache.append(k, v)
+            k, v = cache.append(k, v) if pos is None else cache.write(k, v, pos)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
@@ -103,7 +103,9 @@ class Attention(nn.Module):
 class KVCache:
     """Keys and values of one attention layer for positions [0, length), in buffers sized for
     max_len positions. append() writes the new positions and returns the keys and values so far;
-    truncate() forgets positions past a length (rejected drafts)."""
+    truncate() forgets positions past a length (rejected drafts). write() writes at positions
+    given per sequence (each sequence of a batch at its own length; the attention mask hides
+    what lies past a sequence's position); select() keeps some sequences of the batch."""
 
     def __init__(self, batch: int, n_heads: int, head_dim: int, max_len: int, dtype, device):
         self.k = torch.empty(batch, n_heads, max_len, head_dim, dtype=dtype, device=device)
@@ -121,6 +123,22 @@ class KVCache:
 
     def truncate(self, length: int):
         self.length = min(self.length, length)
+
+    def write(self, k, v, pos):
+        """k, v [B, H, T, hd] at positions pos [B, T]; returns the keys and values of
+        positions [0, max(pos)] of every sequence."""
+        end = int(pos.max()) + 1
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache of {self.k.shape[2]} positions cannot hold {end}")
+        b = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[b, :, pos] = k.transpose(1, 2)
+        self.v[b, :, pos] = v.transpose(1, 2)
+        self.length = max(self.length, end)
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def select(self, rows):
+        """Keeps the sequences rows (indices into the batch), in that order."""
+        self.k, self.v = self.k[rows], self.v[rows]
 
 
 class SwiGLU(nn.Module):
@@ -142,8 +160,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, cache=None, mask=None):
-        x = x + self.attn(self.norm1(x), cos, sin, cache, mask)
+    def forward(self, x, cos, sin, cache=None, mask=None, pos=None):
+        x = x + self.attn(self.norm1(x), cos, sin, cache, mask, pos)
         return x + self.mlp(self.norm2(x))
 
 
@@ -235,10 +253,20 @@ class MTPTransformer(nn.Module):
         return [KVCache(batch, c.n_heads, c.d_model // c.n_heads, max_len, p.dtype, p.device)
                 for _ in range(c.n_layers + c.n_future)]
 
-    def forward_cached(self, input_ids, caches, heads: Optional[int] = None):
+    per_row_positions = True  # forward_cached takes positions per sequence (mtp_ext.generate)
+
+    def forward_cached(self, input_ids, caches, heads: Optional[int] = None, positions=None):
         """Runs the T new tokens input_ids [B, T] after the positions the caches hold (adding
         them to the caches); returns the logits of heads 0..heads-1 (default: all n) at the new
-        positions, [heads, B, T, V]. The caches of the heads left out are not updated."""
+        positions, [heads, B, T, V]. The caches of the heads left out are not updated.
+        positions [B]: sequence b's tokens go after its first positions[b] cached ones (what the
+        caches hold past them is overwritten or masked)."""
+        if positions is not None and input_ids.shape[0] == 1:  # one sequence: cut back
+            for c in caches:
+                c.truncate(int(positions[0]))
+            positions = None
+        if positions is not None:
+            return self._forward_rows(input_ids, caches, heads, positions)
         start, T = caches[0].length, input_ids.shape[1]
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
@@ -255,16 +283,36 @@ class MTPTransformer(nn.Module):
         return torch.stack([self.head_logits(k, self.norm(self.heads[k](x, cos, sin, caches[L + k], mask)))
                             for k in range(heads)])
 
+    def _forward_rows(self, input_ids, caches, heads, positions):
+        """forward_cached with positions per sequence: RoPE, cache writes and the attention
+        mask of each sequence at its own positions."""
+        T = input_ids.shape[1]
+        pos = positions[:, None] + torch.arange(T, device=input_ids.device)   # [B, T]
+        end = int(pos.max()) + 1
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [B, 1, T, hd/2]
+        keys = torch.arange(end, device=input_ids.device)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]            # [B, 1, T, end]
+        x = self.embed(input_ids)
+        L = self.cfg.n_layers
+        for i, blk in enumerate(self.trunk):
+            x = blk(x, cos, sin, caches[i], mask, pos)
+        heads = self.cfg.n_future if heads is None else heads
+        return torch.stack([self.head_logits(k, self.norm(self.heads[k](x, cos, sin, caches[L + k], mask, pos)))
+                            for k in range(heads)])
+
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, speculative: bool = False,
                  stop_token: Optional[int] = None, temperature: float = 0.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None):
-        """Greedy decoding (or sampling with temperature / top_k), or greedy self-speculative
-        decoding; see mtp_ext.generate."""
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 prompt_lengths=None):
+        """Plain or self-speculative decoding, greedy or sampled (temperature / top_k); see
+        mtp_ext.generate."""
         from .generate import generate
         return generate(self, input_ids, max_new_tokens, speculative=speculative,
                         stop_token=stop_token, temperature=temperature, top_k=top_k,
-                        generator=generator)
+                        generator=generator, prompt_lengths=prompt_lengths)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

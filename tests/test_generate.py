@@ -102,8 +102,10 @@ def test_generate_errors():
     p = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(p, 200)
-    with pytest.raises(ValueError, match="greedy"):
-        model.generate(p, 5, speculative=True, temperature=1.0)
+    with pytest.raises(ValueError, match=r"prompt_lengths must be \[B\] = \[1\] values in \[1, 4\]"):
+        model.generate(p, 5, prompt_lengths=[5])
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        model.generate(p, 5, temperature=-1.0)
     with pytest.raises(ValueError, match="input_ids"):
         model.generate(torch.zeros(4, dtype=torch.long), 5)
 
@@ -123,3 +125,100 @@ def test_cli_generate(trained, tmp_path, capsys):
     assert "tokens/forward" in out.err and "acceptance" in out.err
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["untrained", "trained"])
+def test_batch_of_different_lengths_and_stops_equals_one_at_a_time(which, request):
+    """Each sequence of a batch advances by its own accepted run (prompts of different lengths,
+    a stop token), and its tokens are those of greedy decoding of that sequence alone."""
+    model = tiny(seed=3) if which == "untrained" else request.getfixturevalue("trained")
+    lo, hi = (32, 127) if model.cfg.vocab_size == 256 else (0, model.cfg.vocab_size)
+    g = torch.Generator().manual_seed(4)
+    lens = [3, 9, 6, 1]
+    prompts = torch.randint(lo, hi, (4, 9), generator=g)
+    alone = [model.generate(prompts[b:b + 1, :lens[b]], 30) for b in range(4)]
+    stop = int(alone[2].tokens[0, lens[2] + 11])  # sequence 2 stops at its 12th token or before
+    for spec in (False, True):
+        out = model.generate(prompts, 30, speculative=spec, stop_token=stop, prompt_lengths=lens)
+        for b in range(4):
+            want = alone[b].tokens[0, lens[b]:].tolist()
+            if stop in want:
+                want = want[:want.index(stop) + 1]
+            got = out.tokens[b, lens[b]:lens[b] + out.new_tokens].tolist()
+            assert got[:len(want)] == want and all(t == stop for t in got[len(want):]), b
+            assert torch.equal(out.tokens[b, :lens[b]], prompts[b, :lens[b]])
+            assert int(out.sequence_tokens[b]) == len(want)
+        assert int(out.sequence_forwards[2]) < int(out.sequence_forwards.max())  # it left early
+
+
+def test_batched_speculation_keeps_each_sequences_run(trained):
+    """A batch does not advance by its shortest run: tokens per forward of a batch of prompts
+    is that of the same prompts one at a time."""
+    text = [b"def add(a, b):\n    return a + b\n", b"for i in range(10):\n    print(i)\n",
+            b"class Point:\n    x = 0\n", b"zzq"]
+    lens = [len(t) for t in text]
+    prompts = torch.zeros(4, max(lens), dtype=torch.long)
+    for b, t in enumerate(text):
+        prompts[b, :len(t)] = torch.tensor(list(t))
+    batch = trained.generate(prompts, 24, speculative=True, prompt_lengths=lens)
+    alone = [trained.generate(prompts[b:b + 1, :lens[b]], 24, speculative=True) for b in range(4)]
+    for b in range(4):
+        assert torch.equal(batch.tokens[b, lens[b]:lens[b] + 24], alone[b].tokens[0, lens[b]:])
+        assert int(batch.sequence_forwards[b]) == alone[b].forward_passes
+    assert batch.tokens_per_forward == pytest.approx(
+        sum(o.new_tokens for o in alone) / sum(o.forward_passes for o in alone))
+    assert batch.tokens_per_forward > 1.5
+
+
+@torch.no_grad()
+def exact_distribution(model, prompt, steps, temperature, top_k):
+    """P(next `steps` tokens) of plain sampling from head 0, by enumeration: [V] * steps."""
+    V = model.cfg.vocab_size
+    seqs = prompt[None]
+    probs = torch.ones(1, dtype=torch.float64)
+    for _ in range(steps):
+        logits = full_logits(model, seqs)[0, :, -1].double() / temperature  # [S, V]
+        if top_k is not None:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = (probs[:, None] * logits.softmax(-1)).reshape(-1)
+        seqs = torch.cat([seqs.repeat_interleave(V, 0),
+                          torch.arange(V).repeat(seqs.shape[0])[:, None]], 1)
+    return probs
+
+
+def chi_squared_z(counts, probs, total):
+    """Pearson's statistic over the cells expected >= 5 times (the rest pooled), as a z-score
+    (Wilson-Hilferty): large when counts do not follow probs."""
+    expected = probs * total
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    x2 = float(((obs - exp) ** 2 / exp).sum())
+    k = obs.numel() - 1
+    return ((x2 / k) ** (1 / 3) - (1 - 2 / (9 * k))) / (2 / (9 * k)) ** 0.5
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 5)])
+def test_speculative_sampling_has_the_distribution_of_plain_sampling(temperature, top_k):
+    """The joint distribution of the first three sampled tokens (8^3 cells, 12000 sequences in
+    one batch) against the exact one of plain sampling: chi-squared, for speculative sampling
+    (drafts accepted with min(1, p/q), residual draws) and for plain sampling itself. A wrong
+    acceptance rule (e.g. keeping every draft) is off by far more."""
+    model = tiny(seed=11, vocab_size=8, n_future=3, max_seq_len=12).float()
+    with torch.no_grad():  # sharper, different distributions per head
+        model.unembedding.mul_(1.5)
+    prompt = torch.tensor([1, 5, 2, 7])
+    probs = exact_distribution(model, prompt, 3, temperature, top_k)
+    S = 12000
+    for spec in (False, True):
+        out = model.generate(prompt.repeat(S, 1), 3, speculative=spec, temperature=temperature,
+                             top_k=top_k, generator=torch.Generator().manual_seed(7))
+        t = out.tokens[:, 4:7]
+        counts = torch.bincount(t[:, 0] * 64 + t[:, 1] * 8 + t[:, 2], minlength=512).double()
+        z = chi_squared_z(counts, probs, S)
+        assert z < 4.5, (spec, z)
+        if spec:
+            assert 0 < sum(out.head_accepted) < sum(out.head_proposed), out.stats()

@@ -2,7 +2,7 @@
 
     mtp = MTPForCausalLM.from_causal_lm(model, n_future=4)
     out = mtp(input_ids, attention_mask=mask, labels=labels)   # out.loss, out.head_losses
-    mtp.generate(input_ids, 64, speculative=True)               # greedy, drafted by the heads
+    mtp.generate(input_ids, 64, speculative=True)               # drafted by the heads
 
 The base model's last decoder layer is head 0; heads 1..n-1 are copies of it (same class, same
 initial weights) that read the same input (the trunk: the output of the layer before) and
@@ -217,8 +217,9 @@ class MTPForCausalLM(nn.Module):
                  ) -> GenerateOutput:
         """Decoding with the model's KV cache (mtp_ext.generate's loop): speculative=True drafts
         n-1 tokens with heads 1.. and keeps the longest prefix head 0 confirms, one forward per
-        step; greedy, the same tokens as greedy decoding with head 0 (the base model). The
-        prompt is [B, P] without padding; a batch advances by its shortest accepted run."""
+        step; greedy, the same tokens as greedy decoding with head 0 (the base model); with a
+        temperature, speculative sampling. The prompt is [B, P] without padding; the sequences
+        of a batch are decoded one after the other (the model's cache has one length)."""
         return generate(_Decoder(self), input_ids, max_new_tokens, speculative=speculative,
                         stop_token=stop_token, temperature=temperature, top_k=top_k,
                         generator=generator)
