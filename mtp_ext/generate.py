@@ -38,16 +38,14 @@ class GenerateOutput:
     wall_seconds: float
     head_proposed: List[int] = field(default_factory=list)  # drafts of head k checked
     head_accepted: List[int] = field(default_factory=list)  # drafts of head k accepted
-    lengths: Optional[torch.Tensor] = None  # [B] prompt + generated tokens of each sequence
-    sequence_tokens: Optional[torch.Tensor] = None    # [B] tokens generated until the stop
-    sequence_forwards: Optional[torch.Tensor] = None  # [B] forwards each sequence took part in
+    lengths: torch.Tensor = None            # [B] prompt + generated tokens of each sequence
+    sequence_tokens: torch.Tensor = None    # [B] tokens generated, until a stop token
+    sequence_forwards: torch.Tensor = None  # [B] forwards each sequence took part in
 
     @property
     def tokens_per_forward(self) -> float:
         """Generated tokens per forward pass a sequence took part in (the prompt's forward
         yields the first token), over the batch's sequences."""
-        if self.sequence_tokens is None:
-            return self.new_tokens / max(1, self.forward_passes)
         return float(self.sequence_tokens.sum()) / max(1, int(self.sequence_forwards.sum()))
 
     @property
@@ -58,9 +56,7 @@ class GenerateOutput:
     def stats(self) -> dict:
         return {"new_tokens": self.new_tokens, "forward_passes": self.forward_passes,
                 "tokens_per_forward": self.tokens_per_forward, "wall_seconds": self.wall_seconds,
-                "tokens_per_second": float(self.sequence_tokens.sum()) / max(self.wall_seconds, 1e-9)
-                if self.sequence_tokens is not None else
-                self.new_tokens * self.tokens.shape[0] / max(self.wall_seconds, 1e-9),
+                "tokens_per_second": float(self.sequence_tokens.sum()) / max(self.wall_seconds, 1e-9),
                 "head_acceptance": self.acceptance}
 
 

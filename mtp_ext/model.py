@@ -275,13 +275,7 @@ class MTPTransformer(nn.Module):
         # query i (position start + i) sees keys 0..start + i; one new token sees them all
         mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool,
                                                device=input_ids.device).tril(start)
-        x = self.embed(input_ids)
-        L = self.cfg.n_layers
-        for i, blk in enumerate(self.trunk):
-            x = blk(x, cos, sin, caches[i], mask)
-        heads = self.cfg.n_future if heads is None else heads
-        return torch.stack([self.head_logits(k, self.norm(self.heads[k](x, cos, sin, caches[L + k], mask)))
-                            for k in range(heads)])
+        return self._layers_cached(input_ids, caches, heads, cos, sin, mask)
 
     def _forward_rows(self, input_ids, caches, heads, positions):
         """forward_cached with positions per sequence: RoPE, cache writes and the attention
@@ -294,6 +288,10 @@ class MTPTransformer(nn.Module):
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [B, 1, T, hd/2]
         keys = torch.arange(end, device=input_ids.device)
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]            # [B, 1, T, end]
+        return self._layers_cached(input_ids, caches, heads, cos, sin, mask, pos)
+
+    def _layers_cached(self, input_ids, caches, heads, cos, sin, mask, pos=None):
+        """The trunk, then heads 0..heads-1 (default all), on cached decoding's new tokens."""
         x = self.embed(input_ids)
         L = self.cfg.n_layers
         for i, blk in enumerate(self.trunk):
