@@ -107,8 +107,12 @@ class KVCache:
     given per sequence (each sequence of a batch at its own length; the attention mask hides
     what lies past a sequence's position); select() keeps some sequences of the batch."""
 
-    def __init__(self, batch: int, n_heads: int, head_dim: int, max_len: int, dtype, device):
-        self.k = torch.empty(batch, n_heads, max_len, head_dim, dtype=dtype, device=device)
+    def __init__(self, batch: int, n_heads: int, head_dim: int, max_len: int, dtype, device,
+                 groups: int = 1):
+        # groups: layers stacked along the batch (the draft heads): [groups * batch, ...]
+        self.groups = groups
+        self.k = torch.empty(groups * batch, n_heads, max_len, head_dim, dtype=dtype,
+                             device=device)
         self.v = torch.empty_like(self.k)
         self.length = 0
 
@@ -138,7 +142,8 @@ class KVCache:
 
     def select(self, rows):
         """Keeps the sequences rows (indices into the batch), in that order."""
-        self.k, self.v = self.k[rows], self.v[rows]
+        pick = lambda t: t.view(self.groups, -1, *t.shape[1:])[:, rows].flatten(0, 1)
+        self.k, self.v = pick(self.k), pick(self.v)
 
 
 class SwiGLU(nn.Module):
@@ -246,19 +251,21 @@ class MTPTransformer(nn.Module):
     # ---- incremental decoding ----
 
     def new_caches(self, batch: int, max_len: Optional[int] = None):
-        """One KVCache per trunk layer and per head layer."""
+        """One KVCache per trunk layer and for head 0, and one for the draft heads 1..n-1
+        together (their layers run as one stacked computation in cached decoding)."""
         c = self.cfg
         max_len = max_len or c.max_seq_len
         p = self.embed.weight
-        return [KVCache(batch, c.n_heads, c.d_model // c.n_heads, max_len, p.dtype, p.device)
-                for _ in range(c.n_layers + c.n_future)]
+        new = lambda groups: KVCache(batch, c.n_heads, c.d_model // c.n_heads, max_len, p.dtype,
+                                     p.device, groups)
+        return [new(1) for _ in range(c.n_layers + 1)] + ([new(c.n_future - 1)] if c.n_future > 1 else [])
 
     per_row_positions = True  # forward_cached takes positions per sequence (mtp_ext.generate)
 
     def forward_cached(self, input_ids, caches, heads: Optional[int] = None, positions=None):
         """Runs the T new tokens input_ids [B, T] after the positions the caches hold (adding
         them to the caches); returns the logits of heads 0..heads-1 (default: all n) at the new
-        positions, [heads, B, T, V]. The caches of the heads left out are not updated.
+        positions, [heads, B, T, V]. With heads = 1 the draft heads' cache is not updated.
         positions [B]: sequence b's tokens go after its first positions[b] cached ones (what the
         caches hold past them is overwritten or masked)."""
         if positions is not None and input_ids.shape[0] == 1:  # one sequence: cut back
@@ -291,14 +298,53 @@ class MTPTransformer(nn.Module):
         return self._layers_cached(input_ids, caches, heads, cos, sin, mask, pos)
 
     def _layers_cached(self, input_ids, caches, heads, cos, sin, mask, pos=None):
-        """The trunk, then heads 0..heads-1 (default all), on cached decoding's new tokens."""
+        """The trunk, then heads 0..heads-1 (default all), on cached decoding's new tokens: head
+        0's layer, and the draft heads' layers as one stacked computation."""
         x = self.embed(input_ids)
         L = self.cfg.n_layers
         for i, blk in enumerate(self.trunk):
             x = blk(x, cos, sin, caches[i], mask, pos)
         heads = self.cfg.n_future if heads is None else heads
-        return torch.stack([self.head_logits(k, self.norm(self.heads[k](x, cos, sin, caches[L + k], mask, pos)))
-                            for k in range(heads)])
+        hs = [self.norm(self.heads[0](x, cos, sin, caches[L], mask, pos))]
+        if heads > 1:
+            hs.extend(self.norm(self._draft_layers(x, cos, sin, caches[L + 1], mask, pos))[:heads - 1])
+        return torch.stack([self.head_logits(k, h) for k, h in enumerate(hs)])
+
+    def _draft_weights(self):
+        """The weights of head layers 1..n-1 stacked per kind, [n-1, ...]: built again when a
+        parameter changes (its version, storage or dtype)."""
+        blocks = self.heads[1:]
+        names = ("norm1.weight", "attn.qkv.weight", "attn.out.weight", "norm2.weight",
+                 "mlp.gate_up.weight", "mlp.down.weight")
+        params = [[b.get_parameter(n) for b in blocks] for n in names]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for ps in params for p in ps)
+        cached = self.__dict__.get("_draft_stack")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, [torch.stack([p.detach() for p in ps]) for ps in params])
+            self.__dict__["_draft_stack"] = cached
+        return cached[1]
+
+    def _draft_layers(self, x, cos, sin, cache, mask, pos):
+        """Head layers 1..n-1 (Block) on the trunk's output x [B, T, D] in one stacked pass,
+        their KV caches stacked along the batch: [n-1, B, T, D]."""
+        n1n, wqkv, wout, n2n, wgu, wdown = self._draft_weights()
+        k, (B, T, D), H = wqkv.shape[0], x.shape, self.cfg.n_heads
+        eps = self.cfg.norm_eps
+        xs = x.reshape(1, B * T, D).expand(k, B * T, D)
+        a = F.rms_norm(xs, (D,), None, eps) * n1n[:, None]
+        q, kk, v = torch.bmm(a, wqkv.transpose(1, 2)).view(k * B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        if cos.dim() == 4:  # per-sequence positions: [B, 1, T, hd / 2], mask [B, 1, T, K]
+            cos, sin = cos.repeat(k, 1, 1, 1), sin.repeat(k, 1, 1, 1)
+            mask = mask.repeat(k, 1, 1, 1)
+        q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+        kk, v = cache.append(kk, v) if pos is None else cache.write(kk, v, pos.repeat(k, 1))
+        y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask)
+        xs = xs + torch.bmm(y.transpose(1, 2).reshape(k, B * T, D), wout.transpose(1, 2))
+        g, u = torch.bmm(F.rms_norm(xs, (D,), None, eps) * n2n[:, None],
+                         wgu.transpose(1, 2)).chunk(2, dim=-1)
+        xs = xs + torch.bmm(F.silu(g) * u, wdown.transpose(1, 2))
+        return xs.view(k, B, T, D)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, speculative: bool = False,
