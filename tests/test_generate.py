@@ -35,6 +35,19 @@ def test_kv_cache_gives_the_logits_of_a_full_forward():
     torch.testing.assert_close(again, want[:, :, 10:20], rtol=1e-10, atol=1e-10)
 
 
+def test_stacked_draft_heads_follow_their_parameters():
+    """Cached decoding runs heads 1..n-1 with stacked copies of their weights: a change of a
+    parameter (an optimizer step, a load) is seen by the next forward."""
+    model = tiny()
+    x = torch.randint(0, 48, (2, 9), generator=torch.Generator().manual_seed(6))
+    model.forward_cached(x, model.new_caches(2))
+    with torch.no_grad():
+        model.heads[2].mlp.down.weight.mul_(3.0)
+        model.heads[1].norm1.weight.add_(0.5)
+    got = model.forward_cached(x, model.new_caches(2))
+    torch.testing.assert_close(got, full_logits(model, x), rtol=1e-10, atol=1e-10)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny byte model trained on repetitive text, so that its heads draft well."""
