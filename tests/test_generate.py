@@ -136,6 +136,7 @@ def test_cli_generate(trained, tmp_path, capsys):
     out = capsys.readouterr()
     assert out.out.startswith("def add(")
     assert "tokens/forward" in out.err and "acceptance" in out.err
+    assert "ms/token" in out.err and "speedup" in out.err
     assert cli_main(["generate", "--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
