@@ -184,10 +184,9 @@ Pass make_pass(const DeviceKernels& dev, const at::Tensor& hidden, const at::Ten
     // no more memory than the fp32 dW accumulator and the workspace they replace. dW is then
     // one GEMM; in chunks, each chunk's product is added into the [V, D] fp32 accumulator,
     // which at a large vocabulary costs more memory traffic than the GEMM's own.
-    const int64_t V = weight.size(-2);
-    const int64_t acc_bytes = c10::elementSize(acc);
+    const int64_t V = p.opt.vocab;
     if (shared16 && may_be_one && chunk_rows <= 0 &&
-        n * N * V * hidden.element_size() <= kWorkspaceBudgetBytes + V * D * acc_bytes)
+        n * N * V * hidden.element_size() <= kWorkspaceBudgetBytes + V * D * c10::elementSize(acc))
       p.chunk_rows = n * N;
     const bool one_chunk = may_be_one && n * N <= p.chunk_rows;
     if (shared16 && one_chunk) {

@@ -12,6 +12,7 @@ output embedding, which all heads share. The loss is mtp_loss over the n heads' 
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import os
@@ -64,9 +65,15 @@ def _capture_call(layer, args, kwargs):
         layer._mtp_ext_call = (args, kwargs)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_args(layer_class) -> list:
+    """The names of a layer class's forward arguments, self left out."""
+    return list(inspect.signature(layer_class.forward).parameters)[1:]
+
+
 def _with_cache(layer, args, kwargs, cache):
     """The captured call of the last layer, with `cache` in place of the base model's cache."""
-    names = list(inspect.signature(layer.forward).parameters)
+    names = _forward_args(type(layer))
     args = tuple(cache if i < len(names) and names[i] in _CACHE_ARGS else a
                  for i, a in enumerate(args))
     kwargs = {k: (cache if k in _CACHE_ARGS else v) for k, v in kwargs.items()}
@@ -185,21 +192,19 @@ class MTPForCausalLM(nn.Module):
 
     # activation (gradient) checkpointing: the base model's, on the extra heads too (Trainer
     # calls activation_checkpointing_enable; gradient_* are the older names)
-    def activation_checkpointing_enable(self, **kwargs):
-        self.model.activation_checkpointing_enable(**kwargs)
-        self._sync_checkpointing()
+    def _checkpointing(name):
+        def method(self, **kwargs):
+            getattr(self.model, name)(**kwargs)
+            self._sync_checkpointing()
+        method.__name__ = name
+        method.__doc__ = f"The base model's {name}, carried to the extra heads."
+        return method
 
-    def activation_checkpointing_disable(self):
-        self.model.activation_checkpointing_disable()
-        self._sync_checkpointing()
-
-    def gradient_checkpointing_enable(self, **kwargs):
-        self.model.gradient_checkpointing_enable(**kwargs)
-        self._sync_checkpointing()
-
-    def gradient_checkpointing_disable(self):
-        self.model.gradient_checkpointing_disable()
-        self._sync_checkpointing()
+    activation_checkpointing_enable = _checkpointing("activation_checkpointing_enable")
+    activation_checkpointing_disable = _checkpointing("activation_checkpointing_disable")
+    gradient_checkpointing_enable = _checkpointing("gradient_checkpointing_enable")
+    gradient_checkpointing_disable = _checkpointing("gradient_checkpointing_disable")
+    del _checkpointing
 
     def _sync_checkpointing(self):
         last = _decoder_parts(self.model)[0][-1]
