@@ -1,12 +1,12 @@
-"""Plain greedy vs greedy self-speculative decoding on a `mtp-ext train` checkpoint, over
-held-out prompts: windows of the validation split of the Python standard library's sources.
+"""Plain greedy vs greedy self-speculative decoding (one draft per head, and a tree of
+candidates) on a `mtp-ext train` checkpoint, over held-out prompts: windows of the validation
+split of the Python standard library's sources (the tree is calibrated on the training split).
 
     python bench/bench_decode.py --checkpoint runs/mtp/checkpoint.pt [--prompts 16] [--new 128]
 
-Prints tokens per forward, per-head acceptance and wall-clock time of both modes (batch 1, and
-one batched run where each sequence advances by its own accepted run), checks that both modes
-produce the same tokens, and breaks a decoding step's time down (cached forwards of 1 and n
-tokens through the trunk and head 0, and through every head)."""
+Prints tokens per forward, per-head acceptance and wall-clock time of each mode (batch 1, and
+one batched run where each sequence advances by its own accepted run), checks that every mode
+produces the tokens of plain decoding, and breaks a decoding step's time down."""
 import argparse
 import statistics
 import sys
@@ -14,29 +14,36 @@ import time
 
 import torch
 
-from mtp_ext.train import eval_batches, load_corpus, load_model
+from mtp_ext.generate import DRAFT_TREE_NODES, DraftTree, chain
+from mtp_ext.train import calibrate_draft_tree, eval_batches, load_corpus, load_model
 
 
 @torch.no_grad()
-def step_costs(model, prompt, repeats: int = 50):
-    """Median milliseconds of cached forwards after the prompt: a plain step (1 token, trunk and
-    head 0), n tokens through the trunk and head 0, and a speculative step (n tokens, every
-    head)."""
+def step_costs(model, prompt, tree, repeats: int = 50):
+    """Median milliseconds of the parts of a decoding step after the prompt: a plain step (1
+    token, trunk and head 0), the verification of a tree of candidates (trunk and head 0), the
+    draft heads on a kept path of 1 and n tokens, and a blockwise step of n tokens through every
+    head (speculative sampling's step)."""
     n = model.cfg.n_future
     caches = model.new_caches(1)
     model.forward_cached(prompt[None], caches)
-    start = caches[0].length
-    ids = prompt[None, :n]
+    pos = torch.tensor([prompt.numel()])
+    toks = prompt[None, :len(tree) + 1]
+    x = torch.randn(1, n, model.cfg.d_model)
+    parts = {"plain step: 1 token, trunk + head 0":
+             lambda: model.forward_cached(toks[:, :1], caches, 1, positions=pos),
+             f"tree verification: {len(tree) + 1} tokens, trunk + head 0":
+             lambda: model.forward_tree(toks, caches, pos, tree.depth, tree.visible),
+             "draft heads on a kept path of 1 token": lambda: model.draft_forward(x[:, :1], caches, pos),
+             f"draft heads on a kept path of {n} tokens": lambda: model.draft_forward(x, caches, pos),
+             f"blockwise step: {n} tokens, trunk + {n} heads":
+             lambda: model.forward_cached(toks[:, :n], caches, n, positions=pos)}
     out = {}
-    for name, T, heads in (("plain step: 1 token, trunk + head 0", 1, 1),
-                           (f"{n} tokens, trunk + head 0", n, 1),
-                           (f"speculative step: {n} tokens, trunk + {n} heads", n, n)):
+    for name, f in parts.items():
         times = []
         for _ in range(repeats):
-            for c in caches:
-                c.truncate(start)
             t = time.perf_counter()
-            model.forward_cached(ids[:, :T], caches, heads)
+            f()
             times.append(time.perf_counter() - t)
         out[name] = statistics.median(times) * 1e3
     return out
@@ -49,25 +56,36 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8, help="batch size of the batched run")
+    ap.add_argument("--tree-nodes", type=int, default=None,
+                    help="calibrate a tree of this many candidates on the training split "
+                    f"(default: the checkpoint's tree, else {DRAFT_TREE_NODES})")
     a = ap.parse_args(argv)
     model, ckpt = load_model(a.checkpoint)
     model.eval()
     torch.manual_seed(0)
-    _, val, what = load_corpus(ckpt["args"].get("data"))
+    train, val, what = load_corpus(ckpt["args"].get("data"))
+    if a.tree_nodes is not None or model.draft_tree is None:
+        t = time.perf_counter()
+        model.draft_tree = calibrate_draft_tree(model, train, a.tree_nodes or DRAFT_TREE_NODES)
+        print(f"draft tree calibrated on the training split in {time.perf_counter() - t:.1f} s")
+    tree = DraftTree(model.draft_tree, model.cfg.n_future)
+    modes = {"plain": dict(), "speculative, chain": dict(speculative=True, tree=chain(model.cfg.n_future)),
+             f"speculative, tree of {len(tree)}": dict(speculative=True, tree=tree)}
     prompts = torch.cat(eval_batches(val, a.prompts, 1, a.prompt_len))  # [P, prompt_len]
     print(f"checkpoint {a.checkpoint}: n = {model.cfg.n_future} heads, "
           f"{model.num_parameters() / 1e6:.2f}M parameters; {a.prompts} validation prompts of "
           f"{a.prompt_len} bytes ({what}), {a.new} new tokens each; {torch.get_num_threads()} threads")
-    rows = {"plain": [], "speculative": []}
+    print(f"tree: {tree.paths}")
+    rows = {mode: [] for mode in modes}
     for p in prompts:
         outs = {}
-        for mode in ("plain", "speculative"):
-            model.generate(p[None, :8], 4, speculative=mode == "speculative")  # warm
-            outs[mode] = model.generate(p[None], a.new, speculative=mode == "speculative")
+        for mode, kw in modes.items():
+            model.generate(p[None, :8], 4, **kw)  # warm
+            outs[mode] = model.generate(p[None], a.new, **kw)
             rows[mode].append(outs[mode])
-        if not torch.equal(outs["plain"].tokens, outs["speculative"].tokens):
-            print("MISMATCH between plain and speculative output", file=sys.stderr)
-            return 1
+            if not torch.equal(outs["plain"].tokens, outs[mode].tokens):
+                print(f"MISMATCH between plain and {mode} output", file=sys.stderr)
+                return 1
     res = {}
     for mode, outs in rows.items():
         tok = sum(o.new_tokens for o in outs)
@@ -82,21 +100,22 @@ def main(argv=None):
     print("|---|---:|---:|---:|---:|---|")
     for mode, (tpf, wall, acc, med) in res.items():
         sp = res["plain"][1] / wall
-        accs = " ".join(f"{x:.2f}" for x in acc) if mode == "speculative" else ""
+        accs = " ".join(f"{x:.2f}" for x in acc) if mode != "plain" else ""
         print(f"| {mode} | {tpf:.2f} | {med:.2f} | {wall:.2f} | {sp:.2f}x | {accs} |")
     # batched: each sequence advances by its own accepted run
     bp = prompts[: a.batch]
     t = {}
-    for mode in ("plain", "speculative"):
-        model.generate(bp[:, :8], 4, speculative=mode == "speculative")  # warm
-        t[mode] = model.generate(bp, a.new, speculative=mode == "speculative")
-    same = torch.equal(t["plain"].tokens, t["speculative"].tokens)
-    print(f"batch {a.batch}: plain {t['plain'].wall_seconds:.2f} s, speculative "
-          f"{t['speculative'].wall_seconds:.2f} s ({t['plain'].wall_seconds / t['speculative'].wall_seconds:.2f}x), "
-          f"{t['speculative'].tokens_per_forward:.2f} tokens per forward per sequence, "
-          f"outputs identical: {same}")
-    print("step time, median of 50 cached forwards after a prompt (ms):")
-    for name, ms in step_costs(model, prompts[0]).items():
+    for mode, kw in modes.items():
+        model.generate(bp[:, :8], 4, **kw)  # warm
+        t[mode] = model.generate(bp, a.new, **kw)
+    same = all(torch.equal(t["plain"].tokens, o.tokens) for o in t.values())
+    print(f"batch {a.batch} (outputs identical per sequence: {same}): plain "
+          f"{t['plain'].wall_seconds:.2f} s; " + "; ".join(
+              f"{mode} {o.wall_seconds:.2f} s ({t['plain'].wall_seconds / o.wall_seconds:.2f}x), "
+              f"{o.tokens_per_forward:.2f} tokens per forward per sequence"
+              for mode, o in t.items() if mode != "plain"))
+    print("step parts, median of 50 cached forwards after a prompt (ms):")
+    for name, ms in step_costs(model, prompts[0], tree).items():
         print(f"  {name}: {ms:.2f}")
     return 0 if same else 1
 

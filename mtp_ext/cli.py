@@ -172,11 +172,19 @@ def _add_train(sub):
 
 
 def generate(args) -> int:
-    from .train import load_model
-    model, _ = load_model(args.checkpoint)
+    from .generate import chain
+    from .train import calibrate_draft_tree, load_corpus, load_model
+    model, ckpt = load_model(args.checkpoint)
     if model.cfg.vocab_size != 256:
         raise ValueError("mtp-ext generate reads byte-level checkpoints (vocabulary 256)")
     prompt = torch.tensor([list(args.prompt.encode("utf-8"))])
+    greedy_spec = args.speculative and args.temperature <= 0 and model.cfg.n_future > 1
+    if greedy_spec and args.chain:
+        model.draft_tree = chain(model.cfg.n_future).paths
+    elif greedy_spec and model.draft_tree is None:  # a checkpoint from before draft trees
+        model.draft_tree = calibrate_draft_tree(model, load_corpus(ckpt["args"].get("data"))[0])
+        print(f"[draft tree of {len(model.draft_tree)} candidates calibrated on the training "
+              f"split]", file=sys.stderr)
 
     def run(speculative, new_tokens):
         return model.generate(prompt, new_tokens, speculative=speculative,
@@ -191,7 +199,11 @@ def generate(args) -> int:
     print(text)
     st = out.stats()
     ms = lambda o: 1e3 * o.wall_seconds / max(1, o.new_tokens)
-    line = (f"\n[{'speculative' if args.speculative else 'plain'}] {st['new_tokens']} tokens, "
+    mode = "plain"
+    if args.speculative:
+        mode = (f"speculative, tree of {len(model.draft_tree)} candidates" if greedy_spec
+                else "speculative sampling")
+    line = (f"\n[{mode}] {st['new_tokens']} tokens, "
             f"{st['forward_passes']} forward passes, {st['tokens_per_forward']:.2f} tokens/forward, "
             f"{st['wall_seconds']:.3f} s ({ms(out):.2f} ms/token)")
     if args.speculative:  # against plain decoding of the same prompt
@@ -213,6 +225,9 @@ def _add_generate(sub):
     g.add_argument("--speculative", action="store_true",
                    help="self-speculative decoding with the extra heads (greedy, or "
                    "speculative sampling with --temperature)")
+    g.add_argument("--chain", action="store_true",
+                   help="greedy speculative decoding with each head's top draft only, not the "
+                   "checkpoint's candidate tree")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     g.add_argument("--stop-byte", type=int, default=None, help="stop at this byte value")

@@ -20,6 +20,7 @@ caches[i].truncate(length) forgets positions past a length).
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -90,7 +91,137 @@ class _Sampler:
         return torch.rand(shape, generator=self.generator, device=device)
 
 
-def _check(model, input_ids, max_new_tokens, speculative, temperature, top_k, prompt_lengths):
+DRAFT_TREE_NODES = 24  # a calibrated tree's size: tokens per forward vs a step's cost, measured
+                       # on the default model (docs/model.md)
+
+
+class DraftTree:
+    """Candidate tree of greedy tree drafting (Medusa, Cai et al. 2024; EAGLE): paths of ranks,
+    (r1, ..., rd) the candidate whose token at depth k is draft head k's r_k-th most likely
+    token (k = 1..d), every path's prefixes in the tree too. Node 0 is the root (the next token,
+    decided); nodes are ordered by depth. `calibrate_tree` picks the paths from measured ranks."""
+
+    def __init__(self, paths, n_future: int):
+        paths = sorted({tuple(int(r) for r in p) for p in paths}, key=lambda p: (len(p), p))
+        for p in paths:
+            if not 1 <= len(p) <= n_future - 1 or min(p) < 0:
+                raise ValueError(f"tree: path {p} must have 1..{n_future - 1} ranks >= 0 "
+                                 f"(n_future = {n_future})")
+            if len(p) > 1 and p[:-1] not in paths:
+                raise ValueError(f"tree: path {p} lacks its prefix {p[:-1]}")
+        self.paths = paths
+        index = {(): 0, **{p: i + 1 for i, p in enumerate(paths)}}
+        T = len(paths) + 1
+        self.depth = torch.tensor([0] + [len(p) for p in paths])
+        self.parent = torch.tensor([-1] + [index[p[:-1]] for p in paths])
+        self.rank = torch.tensor([0] + [p[-1] for p in paths])
+        self.visible = torch.eye(T, dtype=torch.bool)
+        for i, p in enumerate(paths, 1):
+            for d in range(len(p)):
+                self.visible[i, index[p[:d]]] = True
+        self.levels = [torch.nonzero(self.depth == d).squeeze(1)
+                       for d in range(1, int(self.depth.max()) + 1)]
+        self.top = [1 + max((p[k - 1] for p in paths if len(p) >= k), default=-1)
+                    for k in range(1, n_future)]  # candidates needed from draft head k
+
+    def __len__(self):
+        return len(self.paths)
+
+    def to(self, device) -> "DraftTree":
+        """A copy on device."""
+        self = copy.copy(self)
+        for name in ("depth", "parent", "rank", "visible"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.levels = [x.to(device) for x in self.levels]
+        return self
+
+    def accept(self, toks, best):
+        """Greedy verification. toks [A, T]: the tree's tokens; best [A, T]: head 0's token after
+        each node. From the root, keeps the child whose token is best's at the node kept so far,
+        while there is one. Returns the kept nodes [A, m] (root first; past a sequence's run its
+        last node repeats), the run [A] of kept drafts, and per depth the sequences that
+        reached its parent level and that kept a node there ([depth] each)."""
+        cur = torch.zeros_like(toks[:, 0])
+        run = torch.zeros_like(cur)
+        going = torch.ones_like(cur, dtype=torch.bool)
+        path, reached, kept = [cur], [], []
+        for nodes in self.levels:  # a child of cur with greedy's token
+            match = (self.parent[nodes] == cur[:, None]) & (toks[:, nodes] == best.gather(1, cur[:, None]))
+            found = going & match.any(1)
+            reached.append(going.sum())
+            kept.append(found.sum())
+            cur = torch.where(found, nodes[match.long().argmax(1)], cur)
+            run, going = run + found, found
+            path.append(cur)
+        return (torch.stack(path, 1)[:, :int(run.max()) + 1], run, torch.stack(reached),
+                torch.stack(kept))
+
+    def tokens(self, nxt, draft_logits):
+        """nxt [A] (the root), draft_logits [n-1, A, V] -> the tree's tokens [A, T]."""
+        cols = [nxt[:, None]]
+        for k, top in enumerate(self.top, 1):
+            if top:
+                cand = draft_logits[k - 1].topk(top, dim=-1).indices           # [A, top]
+                at = self.depth[1:] == k
+                cols.append((k, at, cand[:, self.rank[1:][at]]))
+        out = torch.empty(nxt.shape[0], len(self) + 1, dtype=nxt.dtype, device=nxt.device)
+        out[:, 0] = nxt
+        for k, at, tok in cols[1:]:
+            out[:, 1:][:, at] = tok
+        return out
+
+
+def chain(n_future: int) -> "DraftTree":
+    """The tree of blockwise drafting: each draft head's top token, one path."""
+    return DraftTree([(0,) * d for d in range(1, n_future)], n_future)
+
+
+@torch.no_grad()
+def calibrate_tree(model, prompts, nodes: int = 16, new_tokens: int = 64) -> List[tuple]:
+    """Measures, on greedy continuations of prompts [P, L], the rank that each draft head k
+    gives the token greedy decoding then produces k + 1 places ahead, and returns the `nodes`
+    most frequent rank paths (prefixes first on ties): the tree that accepts the most tokens per
+    forward on such text, for its size."""
+    n = model.cfg.n_future
+    counts: dict = {}
+    for p in prompts:
+        seq = generate(model, p[None], new_tokens).tokens
+        logits = model.forward_cached(seq, model.new_caches(1))                 # [n, 1, S, V]
+        start, S = p.shape[0] - 1, seq.shape[1]
+        ranks = []
+        for k in range(1, n):  # head k at position t drafts the token at t + k + 1
+            t = torch.arange(start, S - 1 - k)
+            lg = logits[k, 0, t].float()
+            ranks.append((lg > lg.gather(1, seq[0, t + k + 1, None])).sum(1))
+        m = min(r.numel() for r in ranks)
+        for row in torch.stack([r[:m] for r in ranks], 1).tolist():
+            for d in range(1, n):
+                counts[tuple(row[:d])] = counts.get(tuple(row[:d]), 0) + 1
+    best = sorted(counts, key=lambda p: (-counts[p], len(p), p))
+    return best[:nodes]
+
+
+def _tree(model, tree, speculative, temperature):
+    """The DraftTree of greedy tree drafting, or None (plain decoding, speculative sampling, a
+    model without forward_tree: blockwise drafting by forward_cached)."""
+    can = hasattr(model, "forward_tree")
+    if tree is not None:
+        if not speculative:
+            raise ValueError("tree applies to speculative decoding: pass speculative=True")
+        if temperature > 0:
+            raise ValueError(f"tree drafting is greedy; temperature {temperature} samples with "
+                             f"one draft per head: pass tree=None")
+        if not can:
+            raise ValueError(f"tree: {type(model).__name__} has no forward_tree")
+    if not speculative or temperature > 0 or not can or model.cfg.n_future < 2:
+        return None
+    if tree is None:
+        tree = getattr(model, "draft_tree", None) or chain(model.cfg.n_future)
+    return tree if isinstance(tree, DraftTree) else DraftTree(tree, model.cfg.n_future)
+
+
+def _check(model, input_ids, max_new_tokens, speculative, temperature, top_k, prompt_lengths,
+           tree=None):
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [B, P] with P >= 1, got {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -100,7 +231,8 @@ def _check(model, input_ids, max_new_tokens, speculative, temperature, top_k, pr
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     B, P = input_ids.shape
-    extra = model.cfg.n_future if speculative else 1
+    extra = max(model.cfg.n_future, len(tree) + 1) if tree is not None else (
+        model.cfg.n_future if speculative else 1)
     if P + max_new_tokens + extra > model.cfg.max_seq_len:
         raise ValueError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) + {extra} exceeds "
                          f"max_seq_len {model.cfg.max_seq_len}")
@@ -116,11 +248,14 @@ def _check(model, input_ids, max_new_tokens, speculative, temperature, top_k, pr
 def generate(model, input_ids, max_new_tokens: int, *, speculative: bool = False,
              stop_token: Optional[int] = None, temperature: float = 0.0,
              top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             prompt_lengths=None) -> GenerateOutput:
+             prompt_lengths=None, tree=None) -> GenerateOutput:
     """input_ids [B, P]: prompts (right-padded when prompt_lengths [B] gives their lengths).
-    Each sequence gets max_new_tokens tokens, or fewer up to and including stop_token."""
+    Each sequence gets max_new_tokens tokens, or fewer up to and including stop_token.
+    tree (greedy speculative decoding, a model with forward_tree): a DraftTree or its rank
+    paths; default the model's `draft_tree` when it has one, else each head's top draft."""
+    tree = _tree(model, tree, speculative, temperature)
     lens = _check(model, input_ids, max_new_tokens, speculative, temperature, top_k,
-                  prompt_lengths)
+                  prompt_lengths, tree)
     B = input_ids.shape[0]
     if B > 1 and not getattr(model, "per_row_positions", False):
         outs = [generate(model, input_ids[b:b + 1, :int(lens[b])], max_new_tokens,
@@ -132,7 +267,7 @@ def generate(model, input_ids, max_new_tokens: int, *, speculative: bool = False
     model.eval()
     try:
         return _decode(model, input_ids, lens, max_new_tokens, speculative, stop_token,
-                       _Sampler(temperature, top_k, generator))
+                       _Sampler(temperature, top_k, generator), tree)
     finally:
         model.train(was_training)
 
@@ -153,7 +288,8 @@ def _stack(outs, stop_token) -> GenerateOutput:
                           cat("lengths"), cat("sequence_tokens"), cat("sequence_forwards"))
 
 
-def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler) -> GenerateOutput:
+def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
+            tree=None) -> GenerateOutput:
     n = model.cfg.n_future
     B, P = input_ids.shape
     dev = input_ids.device
@@ -162,6 +298,7 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler) -
     heads = n if spec else 1
     t0 = time.perf_counter()
     caches = model.new_caches(B)
+    tree = None if tree is None else tree.to(dev)
 
     def forward(ids, pos):  # pos [A]: tokens already cached of each active sequence
         if per_row:
@@ -200,6 +337,8 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler) -
     last = forward(input_ids, torch.zeros(B, dtype=torch.long, device=dev))[:, rows, pos - 1]
     nxt = sampler.pick(last[0])  # the next token of each active sequence, decided and emitted
     alive = emit(nxt[:, None], torch.ones_like(nxt))
+    if tree is not None:  # tree drafting keeps the draft heads' logits only
+        last = last[1:]
     while True:
         if not bool(alive.all()):  # finished sequences leave the batch
             keep = alive.nonzero().squeeze(1)
@@ -208,6 +347,25 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler) -
             rows, pos, last, nxt = rows[keep], pos[keep], last[:, keep], nxt[keep]
             for c in caches:
                 c.select(keep)
+        if tree is not None:
+            ar = torch.arange(rows.numel(), device=dev)
+            toks = tree.tokens(nxt, last)                                   # [A, T]
+            head0, x = model.forward_tree(toks, caches, pos, tree.depth, tree.visible)
+            forwards += 1
+            fwd[rows] += 1
+            best = head0.argmax(-1)            # [A, T]: greedy's token after each node
+            path, run, reached, kept = tree.accept(toks, best)
+            proposed[:len(reached)] += reached
+            accepted[:len(kept)] += kept
+            cur = path[ar, run]
+            model.commit_path(caches, pos, path)
+            last = model.draft_forward(x[ar[:, None], path], caches, pos)[:, ar, run]
+            nxt = best[ar, cur]
+            pos = pos + 1 + run
+            # the kept drafts, then the next token
+            out = torch.cat([toks.gather(1, path[:, 1:]), nxt[:, None]], 1)
+            alive = emit(out.scatter_(1, run[:, None], nxt[:, None]), run + 1)
+            continue
         if not spec:
             last = forward(nxt[:, None], pos)[:, :, 0]
             forwards += 1

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .outputs import MTPLossOutput
+from .packed_linear import Linear, linear, packed_linears
 
 LOSS_IMPLS = ("fused", "reference")
 
@@ -85,8 +86,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: MTPConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.out = Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x, cos, sin, cache: Optional["KVCache"] = None, mask=None, pos=None):
         B, T, D = x.shape
@@ -111,9 +112,11 @@ class KVCache:
                  groups: int = 1):
         # groups: layers stacked along the batch (the draft heads): [groups * batch, ...]
         self.groups = groups
-        self.k = torch.empty(groups * batch, n_heads, max_len, head_dim, dtype=dtype,
+        # zeros, not empty: attention reads slots past a sequence's length under a mask, and
+        # a masked slot must hold finite values (0 x nan is nan)
+        self.k = torch.zeros(groups * batch, n_heads, max_len, head_dim, dtype=dtype,
                              device=device)
-        self.v = torch.empty_like(self.k)
+        self.v = torch.zeros_like(self.k)
         self.length = 0
 
     def append(self, k, v):
@@ -140,6 +143,12 @@ class KVCache:
         self.length = max(self.length, end)
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def move(self, src, dst):
+        """Copies the keys and values at slots src [B, m] of each sequence to slots dst [B, m]."""
+        b = torch.arange(src.shape[0], device=src.device)[:, None]
+        self.k[b, :, dst] = self.k[b, :, src]
+        self.v[b, :, dst] = self.v[b, :, src]
+
     def select(self, rows):
         """Keeps the sequences rows (indices into the batch), in that order."""
         pick = lambda t: t.view(self.groups, -1, *t.shape[1:])[:, rows].flatten(0, 1)
@@ -149,8 +158,8 @@ class KVCache:
 class SwiGLU(nn.Module):
     def __init__(self, cfg: MTPConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gate_up = Linear(cfg.d_model, 2 * cfg.d_ff, bias=False)
+        self.down = Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
         g, u = self.gate_up(x).chunk(2, dim=-1)
@@ -225,7 +234,7 @@ class MTPTransformer(nn.Module):
 
     def head_logits(self, k, h):
         w = self.unembedding
-        return F.linear(h, w[k] if w.dim() == 3 else w)
+        return linear(h, w[k] if w.dim() == 3 else w)
 
     def forward(self, input_ids, labels=None, *, loss_impl="fused", return_logits=None):
         """input_ids [B, T]. With labels ([B, T], usually input_ids): the MTP loss, head k at
@@ -256,9 +265,10 @@ class MTPTransformer(nn.Module):
         c = self.cfg
         max_len = max_len or c.max_seq_len
         p = self.embed.weight
-        new = lambda groups: KVCache(batch, c.n_heads, c.d_model // c.n_heads, max_len, p.dtype,
-                                     p.device, groups)
-        return [new(1) for _ in range(c.n_layers + 1)] + ([new(c.n_future - 1)] if c.n_future > 1 else [])
+        new = lambda groups, dt: KVCache(batch, c.n_heads, c.d_model // c.n_heads, max_len, dt,
+                                         p.device, groups)
+        return ([new(1, p.dtype) for _ in range(c.n_layers + 1)]
+                + ([new(c.n_future - 1, self._draft_dtype())] if c.n_future > 1 else []))
 
     per_row_positions = True  # forward_cached takes positions per sequence (mtp_ext.generate)
 
@@ -272,56 +282,117 @@ class MTPTransformer(nn.Module):
             for c in caches:
                 c.truncate(int(positions[0]))
             positions = None
-        if positions is not None:
-            return self._forward_rows(input_ids, caches, heads, positions)
-        start, T = caches[0].length, input_ids.shape[1]
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
-                             f"{self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        # query i (position start + i) sees keys 0..start + i; one new token sees them all
-        mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool,
-                                               device=input_ids.device).tril(start)
-        return self._layers_cached(input_ids, caches, heads, cos, sin, mask)
+        heads = self.cfg.n_future if heads is None else heads
+        with packed_linears():
+            if positions is not None:
+                T = input_ids.shape[1]
+                geo = self._geometry(positions, torch.arange(T, device=input_ids.device))
+                return self._layers_cached(input_ids, caches, heads, *geo)
+            start, T = caches[0].length, input_ids.shape[1]
+            if start + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
+                                 f"{self.cfg.max_seq_len}")
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            # query i (position start + i) sees keys 0..start + i; one new token sees them all
+            mask = None if T == 1 else torch.ones(T, start + T, dtype=torch.bool,
+                                                   device=input_ids.device).tril(start)
+            return self._layers_cached(input_ids, caches, heads, cos, sin, mask)
 
-    def _forward_rows(self, input_ids, caches, heads, positions):
-        """forward_cached with positions per sequence: RoPE, cache writes and the attention
-        mask of each sequence at its own positions."""
-        T = input_ids.shape[1]
-        pos = positions[:, None] + torch.arange(T, device=input_ids.device)   # [B, T]
-        end = int(pos.max()) + 1
+    def forward_tree(self, tokens, caches, positions, depth, visible):
+        """The trunk and head 0 on a tree of candidate tokens after each sequence's cached
+        positions (greedy tree drafting, mtp_ext.generate): tokens [B, T], node 0 the root;
+        depth [T] of each node (its RoPE position is positions + depth); visible [T, T] bool,
+        node i sees node j (j is i or an ancestor of i). Node j's keys and values go to slot
+        positions + j of the trunk's and head 0's caches (commit_path moves a kept path into
+        place). Returns head 0's logits [B, T, V] and the trunk's output [B, T, D]."""
+        L = self.cfg.n_layers
+        with packed_linears():
+            cos, sin, mask, slots = self._geometry(positions, depth, visible)
+            x = self._trunk_cached(tokens, caches, cos, sin, mask, slots)
+            h = self.norm(self.heads[0](x, cos, sin, caches[L], mask, slots))
+            return self.head_logits(0, h), x
+
+    def commit_path(self, caches, positions, path):
+        """path [B, m]: the tree nodes kept by each sequence, root first; moves their keys and
+        values in the trunk's and head 0's caches to slots positions .. positions + m - 1."""
+        ar = torch.arange(path.shape[1], device=path.device)
+        for c in caches[:self.cfg.n_layers + 1]:
+            c.move(positions[:, None] + path, positions[:, None] + ar)
+
+    def draft_forward(self, x, caches, positions):
+        """The draft heads 1..n-1 on the trunk's outputs x [B, m, D] of each sequence's next m
+        positions after positions [B] (a kept path); returns their logits [n-1, B, m, V]."""
+        with packed_linears():
+            cos, sin, mask, slots = self._geometry(positions,
+                                                   torch.arange(x.shape[1], device=x.device))
+            h = self.norm(self._draft_layers(x, cos, sin, caches[self.cfg.n_layers + 1], mask,
+                                             slots))
+            return torch.stack([self.head_logits(k + 1, hk) for k, hk in enumerate(h)])
+
+    def _geometry(self, positions, depth, visible=None):
+        """RoPE tables, attention mask and cache slots of T new tokens per sequence after
+        positions [B]: token i at RoPE position positions + depth[i] and slot positions + i,
+        seeing the cached positions and the new tokens j with visible[i, j] (default: j <= i)."""
+        T, dev = depth.shape[0], depth.device
+        slots = positions[:, None] + torch.arange(T, device=dev)               # [B, T]
+        rope = positions[:, None] + depth                                       # [B, T]
+        end = int(slots.max()) + 1
         if end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [B, 1, T, hd/2]
-        keys = torch.arange(end, device=input_ids.device)
-        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]            # [B, 1, T, end]
-        return self._layers_cached(input_ids, caches, heads, cos, sin, mask, pos)
+        cos, sin = self.rope_cos[rope][:, None], self.rope_sin[rope][:, None]   # [B, 1, T, hd/2]
+        rel = torch.arange(end, device=dev)[None, :] - positions[:, None]      # [B, end]
+        if visible is None:
+            mask = rel[:, None, :] <= torch.arange(T, device=dev)[None, :, None]
+        else:
+            new = visible[:, rel.clamp(0, T - 1)].permute(1, 0, 2) & (rel < T)[:, None, :]
+            mask = (rel < 0)[:, None, :] | new
+        return cos, sin, mask[:, None], slots                                    # mask [B, 1, T, end]
 
-    def _layers_cached(self, input_ids, caches, heads, cos, sin, mask, pos=None):
-        """The trunk, then heads 0..heads-1 (default all), on cached decoding's new tokens: head
-        0's layer, and the draft heads' layers as one stacked computation."""
+    def _trunk_cached(self, input_ids, caches, cos, sin, mask, pos):
         x = self.embed(input_ids)
-        L = self.cfg.n_layers
         for i, blk in enumerate(self.trunk):
             x = blk(x, cos, sin, caches[i], mask, pos)
-        heads = self.cfg.n_future if heads is None else heads
+        return x
+
+    def _layers_cached(self, input_ids, caches, heads, cos, sin, mask, pos=None):
+        """The trunk, then heads 0..heads-1, on cached decoding's new tokens: head 0's layer,
+        and the draft heads' layers as one stacked computation."""
+        L = self.cfg.n_layers
+        x = self._trunk_cached(input_ids, caches, cos, sin, mask, pos)
         hs = [self.norm(self.heads[0](x, cos, sin, caches[L], mask, pos))]
         if heads > 1:
             hs.extend(self.norm(self._draft_layers(x, cos, sin, caches[L + 1], mask, pos))[:heads - 1])
         return torch.stack([self.head_logits(k, h) for k, h in enumerate(hs)])
 
+    draft_dtype: Optional[torch.dtype] = None  # of the draft heads in cached decoding
+
+    def _draft_dtype(self) -> torch.dtype:
+        """The draft heads' dtype in cached decoding: draft_dtype when set; by default bf16 for
+        an fp32 model on a CPU with bf16 instructions (a draft only proposes: head 0 verifies
+        it at the model's precision, so outputs do not change; a stacked bf16 product of 4 rows
+        takes about half the time of fp32's there), else the model's dtype."""
+        dt = self.embed.weight.dtype
+        if self.draft_dtype is not None:
+            return self.draft_dtype
+        if (dt == torch.float32 and self.embed.weight.device.type == "cpu"
+                and torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return torch.bfloat16
+        return dt
+
     def _draft_weights(self):
-        """The weights of head layers 1..n-1 stacked per kind, [n-1, ...]: built again when a
-        parameter changes (its version, storage or dtype)."""
+        """The weights of head layers 1..n-1 stacked per kind in the drafts' dtype, [n-1, ...]:
+        built again when a parameter changes (its version, storage or dtype)."""
         blocks = self.heads[1:]
         names = ("norm1.weight", "attn.qkv.weight", "attn.out.weight", "norm2.weight",
                  "mlp.gate_up.weight", "mlp.down.weight")
         params = [[b.get_parameter(n) for b in blocks] for n in names]
-        key = tuple((p.data_ptr(), p._version, p.dtype) for ps in params for p in ps)
+        dt = self._draft_dtype()
+        key = (dt,) + tuple((p.data_ptr(), p._version, p.dtype) for ps in params for p in ps)
         cached = self.__dict__.get("_draft_stack")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = (key, [torch.stack([p.detach() for p in ps]) for ps in params])
+                cached = (key, [torch.stack([p.detach() for p in ps]).to(dt) for ps in params])
             self.__dict__["_draft_stack"] = cached
         return cached[1]
 
@@ -331,7 +402,7 @@ class MTPTransformer(nn.Module):
         n1n, wqkv, wout, n2n, wgu, wdown = self._draft_weights()
         k, (B, T, D), H = wqkv.shape[0], x.shape, self.cfg.n_heads
         eps = self.cfg.norm_eps
-        xs = x.reshape(1, B * T, D).expand(k, B * T, D)
+        xs = x.to(wqkv.dtype).reshape(1, B * T, D).expand(k, B * T, D)
         a = F.rms_norm(xs, (D,), None, eps) * n1n[:, None]
         q, kk, v = torch.bmm(a, wqkv.transpose(1, 2)).view(k * B, T, 3, H, D // H).permute(2, 0, 3, 1, 4)
         if cos.dim() == 4:  # per-sequence positions: [B, 1, T, hd / 2], mask [B, 1, T, K]
@@ -344,19 +415,19 @@ class MTPTransformer(nn.Module):
         g, u = torch.bmm(F.rms_norm(xs, (D,), None, eps) * n2n[:, None],
                          wgu.transpose(1, 2)).chunk(2, dim=-1)
         xs = xs + torch.bmm(F.silu(g) * u, wdown.transpose(1, 2))
-        return xs.view(k, B, T, D)
+        return xs.view(k, B, T, D).to(x.dtype)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, *, speculative: bool = False,
                  stop_token: Optional[int] = None, temperature: float = 0.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 prompt_lengths=None):
-        """Plain or self-speculative decoding, greedy or sampled (temperature / top_k); see
-        mtp_ext.generate."""
+                 prompt_lengths=None, tree=None):
+        """Plain or self-speculative decoding, greedy or sampled (temperature / top_k), greedy
+        with a tree of drafts; see mtp_ext.generate."""
         from .generate import generate
         return generate(self, input_ids, max_new_tokens, speculative=speculative,
                         stop_token=stop_token, temperature=temperature, top_k=top_k,
-                        generator=generator, prompt_lengths=prompt_lengths)
+                        generator=generator, prompt_lengths=prompt_lengths, tree=tree)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import distributed as mdist
+from .generate import DRAFT_TREE_NODES, calibrate_tree
 from .model import LOSS_IMPLS, MTPConfig, MTPTransformer
 
 CHECKPOINT = "checkpoint.pt"
@@ -194,7 +195,7 @@ def _state_options():
 
 
 def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: torch.Generator,
-                    ctx: mdist.DistContext = mdist.DistContext()):
+                    ctx: mdist.DistContext = mdist.DistContext(), draft_tree=None):
     """Whole model and optimizer state, gathered from every rank (a collective under FSDP) and
     written by rank 0. The same format with or without torchrun: either can resume the other."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -205,7 +206,7 @@ def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: tor
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model_state, "config": mdist.unwrap(model).cfg.to_dict(),
                 "optimizer": opt_state, "step": step, "args": vars(args),
-                "data_rng": gen.get_state()}, tmp)
+                "data_rng": gen.get_state(), "draft_tree": draft_tree}, tmp)
     os.replace(tmp, path)
 
 
@@ -221,7 +222,21 @@ def load_model(path: str) -> Tuple[MTPTransformer, dict]:
                          f"({type(e).__name__}: {e})") from e
     model = MTPTransformer(MTPConfig.from_dict(config))
     model.load_state_dict(ckpt["model"])
+    model.draft_tree = ckpt.get("draft_tree")
     return model, ckpt
+
+
+def calibrate_draft_tree(model: MTPTransformer, train_data: torch.Tensor,
+                         nodes: int = DRAFT_TREE_NODES, prompts: int = 16):
+    """The candidate tree of greedy speculative decoding (mtp_ext.generate.DraftTree), its
+    paths measured on greedy continuations of `prompts` evenly spaced windows of the training
+    split; None for a model of one head."""
+    L = model.cfg.max_seq_len
+    if model.cfg.n_future < 2 or L < 8:
+        return None
+    plen = min(64, L // 4)
+    windows = torch.cat(eval_batches(train_data, prompts, 1, plen))
+    return calibrate_tree(model, windows, nodes, new_tokens=min(64, L - plen - 1))
 
 
 def dist_backend() -> str:
@@ -331,7 +346,9 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     train_time = time.perf_counter() - t0
     val_losses, val_acc = evaluate(model, val, a.loss_impl, amp)
     history.append({"step": a.steps, "val_losses": val_losses})
-    save_checkpoint(ckpt_path, model, opt, a.steps, a, gen, ctx)
+    # tree decoding's candidate tree, from the trained heads (one process: FSDP shards them)
+    tree = None if ctx.enabled else calibrate_draft_tree(model, train_data)
+    save_checkpoint(ckpt_path, model, opt, a.steps, a, gen, ctx, draft_tree=tree)
     summary = {
         "steps": a.steps, "tokens": tokens, "train_seconds": train_time,
         "tokens_per_second": tokens / max(train_time, 1e-9),

@@ -236,3 +236,184 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(temperature
         assert z < 4.5, (spec, z)
         if spec:
             assert 0 < sum(out.head_accepted) < sum(out.head_proposed), out.stats()
+
+
+# ---- tree drafting ----
+
+TREE = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 1, 0)]
+
+
+def test_tree_forward_gives_the_logits_of_each_path():
+    """forward_tree: every node's head-0 logits are those of a full forward of the prompt and
+    the node's path of tokens (tree mask, RoPE positions by depth); after commit_path of a
+    path, draft_forward's logits are the draft heads' of the full forward, and so is the next
+    step's verification."""
+    from mtp_ext.generate import DraftTree
+    model = tiny(seed=2)
+    tree = DraftTree(TREE, 4)
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, 48, (2, 7), generator=g)
+    lens = torch.tensor([7, 5])
+    caches = model.new_caches(2)
+    model.forward_cached(prompts, caches, positions=torch.zeros(2, dtype=torch.long))
+    toks = torch.randint(0, 48, (2, len(TREE) + 1), generator=g)
+    head0, x = model.forward_tree(toks, caches, lens, tree.depth, tree.visible)
+    paths = [()] + tree.paths
+    for b in range(2):
+        for i, p in enumerate(paths):
+            nodes = [0] + [paths.index(p[:d]) for d in range(1, len(p) + 1)]
+            seq = torch.cat([prompts[b, :lens[b]], toks[b, nodes]])[None]
+            torch.testing.assert_close(head0[b, i], full_logits(model, seq)[0, 0, -1],
+                                       rtol=1e-10, atol=1e-10)
+    kept = torch.tensor([[0, 2, 6], [0, 1, 4]])  # sequence 0: path (1, 0); 1: path (0, 0)
+    model.commit_path(caches, lens, kept)
+    drafts = model.draft_forward(x[torch.arange(2)[:, None], kept], caches, lens)
+    nxt = torch.randint(0, 48, (2, 1), generator=g)
+    after = model.forward_cached(nxt, caches, 1, positions=lens + 3)[0, :, 0]
+    for b in range(2):
+        seq = torch.cat([prompts[b, :lens[b]], toks[b, kept[b]]])[None]
+        want = full_logits(model, seq)[1:, 0, -3:]
+        torch.testing.assert_close(drafts[:, b], want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(after[b], full_logits(model, torch.cat([seq, nxt[b:b + 1]], 1))[0, 0, -1],
+                                   rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["untrained", "trained"])
+def test_tree_decoding_equals_greedy(which, request):
+    """A tree of candidates per step: the tokens of greedy decoding, per sequence, in batches of
+    prompts of different lengths with a stop token; more tokens per forward than the chain on
+    the trained model, and candidates other than a head's top one accepted."""
+    model = tiny(seed=3) if which == "untrained" else request.getfixturevalue("trained")
+    lo, hi = (32, 127) if model.cfg.vocab_size == 256 else (0, model.cfg.vocab_size)
+    g = torch.Generator().manual_seed(5)
+    lens = [4, 9, 1]
+    prompts = torch.randint(lo, hi, (3, 9), generator=g)
+    alone = [model.generate(prompts[b:b + 1, :lens[b]], 30) for b in range(3)]
+    stop = int(alone[0].tokens[0, lens[0] + 9])
+    wide = [(r,) for r in range(12)] + [(0, 0), (0, 0, 0)]
+    # siblings' children with the same token: (r, 0) for every r
+    deep = [(r,) for r in range(8)] + [(r, 0) for r in range(8)] + [(r, 0, 0) for r in range(4)]
+    for tree in (TREE, wide, deep):
+        out = model.generate(prompts, 30, speculative=True, stop_token=stop,
+                             prompt_lengths=lens, tree=tree)
+        for b in range(3):
+            want = alone[b].tokens[0, lens[b]:].tolist()
+            if stop in want:
+                want = want[:want.index(stop) + 1]
+            got = out.tokens[b, lens[b]:lens[b] + out.new_tokens].tolist()
+            assert got[:len(want)] == want and all(t == stop for t in got[len(want):]), (tree, b)
+        one = model.generate(prompts[1:2], 30, speculative=True, tree=tree)
+        assert torch.equal(one.tokens, alone[1].tokens)
+    if which == "trained":
+        chain = model.generate(prompts[1:2], 30, speculative=True, tree=[(0,), (0, 0), (0, 0, 0)])
+        out = model.generate(prompts[1:2], 30, speculative=True, tree=wide)
+        assert out.head_accepted[0] > chain.head_accepted[0] or out.forward_passes < chain.forward_passes
+    else:  # an untrained model's top drafts are rarely right: the wide first level helps
+        chain = model.generate(prompts, 30, speculative=True, tree=[(0,)])
+        out = model.generate(prompts, 30, speculative=True, tree=wide)
+        assert out.head_accepted[0] > chain.head_accepted[0]
+
+
+def test_tree_acceptance_follows_the_kept_node():
+    """DraftTree.accept keeps a child of the node kept so far: where siblings' children carry
+    the same token, the child of the kept sibling, and it stops where no child matches."""
+    from mtp_ext.generate import DraftTree
+    tree = DraftTree([(0,), (1,), (0, 0), (1, 0), (1, 0, 0)], 4)
+    assert [p for p in tree.paths] == [(0,), (1,), (0, 0), (1, 0), (1, 0, 0)]
+    #                    root (0,) (1,) (0,0) (1,0) (1,0,0)
+    toks = torch.tensor([[5,   7,   8,   9,    9,    4],
+                         [5,   7,   8,   9,    9,    4],
+                         [5,   7,   8,   9,    9,    4]])
+    best = torch.tensor([[8,   1,   9,   1,    4,    2],    # root -> (1,) -> (1,0) -> (1,0,0)
+                         [7,   9,   1,   4,    1,    1],    # root -> (0,) -> (0,0), then none
+                         [3,   9,   9,   4,    4,    4]])   # nothing kept
+    path, run, reached, kept = tree.accept(toks, best)
+    assert run.tolist() == [3, 2, 0]
+    assert path.tolist() == [[0, 2, 4, 5], [0, 1, 3, 3], [0, 0, 0, 0]]
+    assert reached.tolist() == [3, 2, 2] and kept.tolist() == [2, 2, 1]
+
+
+def test_draft_tree_errors():
+    from mtp_ext.generate import DraftTree
+    model = tiny()
+    p = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"path \(0, 1\) lacks its prefix \(0,\)"):
+        DraftTree([(1,), (0, 1)], 4)
+    with pytest.raises(ValueError, match=r"path \(0, 0, 0, 0\) must have 1..3 ranks"):
+        DraftTree([(0,), (0, 0), (0, 0, 0), (0, 0, 0, 0)], 4)
+    with pytest.raises(ValueError, match="temperature 0.5"):
+        model.generate(p, 5, speculative=True, temperature=0.5, tree=TREE)
+    with pytest.raises(ValueError, match="speculative=True"):
+        model.generate(p, 5, tree=TREE)
+    with pytest.raises(ValueError, match="max_seq_len"):  # the tree's slots count
+        model.generate(p, 96 - 4 - 6, speculative=True, tree=TREE)
+
+
+def test_calibrated_tree(trained):
+    """calibrate_tree: the most frequent rank paths (at most `nodes`), prefixes included; the
+    top drafts first on a model that drafts well; decoding with it gives greedy's tokens."""
+    from mtp_ext.generate import calibrate_tree
+    model = tiny(seed=3)
+    prompts = torch.randint(0, 48, (3, 6), generator=torch.Generator().manual_seed(9))
+    paths = calibrate_tree(model, prompts, nodes=10, new_tokens=40)
+    assert len(paths) == 10 and len(set(paths)) == 10
+    assert all(p[:-1] in paths for p in paths if len(p) > 1)
+    assert torch.equal(model.generate(prompts, 30, speculative=True, tree=paths).tokens,
+                       model.generate(prompts, 30).tokens)
+    text = torch.tensor([list(b"def add(a, b):\n"), list(b"for i in range(")])
+    paths = calibrate_tree(trained, text, nodes=10, new_tokens=30)
+    assert paths[:3] == [(0,), (0, 0), (0, 0, 0)]
+    assert torch.equal(trained.generate(text, 30, speculative=True, tree=paths).tokens,
+                       trained.generate(text, 30).tokens)
+
+
+def test_decoding_reads_no_uninitialized_memory(monkeypatch):
+    """Attention of a batch reads cache slots past a shorter sequence's length, under a mask; a
+    masked slot of garbage (nan) would still poison it (0 x nan). With every torch.empty full of
+    nan, a batch of different lengths decodes as before."""
+    model = tiny(seed=3)
+    prompts = torch.randint(0, 48, (3, 9), generator=torch.Generator().manual_seed(5))
+    lens = [4, 9, 1]
+    want = [model.generate(prompts, 20, speculative=spec, prompt_lengths=lens).tokens
+            for spec in (False, True)]
+    empty, empty_like = torch.empty, torch.empty_like
+    nan = lambda t: t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
+    for spec, w in zip((False, True), want):
+        assert torch.equal(model.generate(prompts, 20, speculative=spec, prompt_lengths=lens).tokens, w)
+
+
+def test_packed_linears_and_bf16_drafts():
+    """Cached decoding of an fp32 model on oneDNN's prepacked weights gives ATen's logits to
+    fp32 rounding, and the packed product is the one that runs (counted); a changed weight is
+    packed again. bf16 draft heads leave the output of greedy decoding unchanged."""
+    from torch.profiler import profile
+    from mtp_ext import packed_linear
+    if not packed_linear.available():
+        pytest.skip("torch without oneDNN")
+    model = tiny(seed=4).float()
+    model.draft_dtype = torch.float32
+    x = torch.randint(0, 48, (2, 11), generator=torch.Generator().manual_seed(8))
+    with profile() as prof, torch.no_grad():
+        got = model.forward_cached(x, model.new_caches(2))
+    calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
+    assert calls == 2 * 4 + 4 + 4  # 2 trunk layers and head 0 (4 each), the heads' logits
+    want = full_logits(model, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        model.trunk[0].mlp.down.weight.mul_(-2.0)
+        again = model.forward_cached(x, model.new_caches(2))[0]
+    torch.testing.assert_close(again, full_logits(model, x)[0], rtol=1e-4, atol=1e-4)
+    model.draft_dtype = torch.bfloat16
+    with torch.no_grad():
+        drafts = model.forward_cached(x, model.new_caches(2))[1:]
+    torch.testing.assert_close(drafts, full_logits(model, x)[1:], rtol=0.05, atol=0.05)
+    prompt = x[:1, :5]
+    greedy = model.generate(prompt, 40)
+    for dt in (torch.bfloat16, torch.float32):
+        model.draft_dtype = dt
+        assert model.new_caches(1)[-1].k.dtype == dt
+        for tree in (None, TREE):
+            assert torch.equal(model.generate(prompt, 40, speculative=True, tree=tree).tokens,
+                               greedy.tokens)
