@@ -299,6 +299,8 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
     t0 = time.perf_counter()
     caches = model.new_caches(B)
     tree = None if tree is None else tree.to(dev)
+    top = chain(n).to(dev) if tree is not None else None  # each head's top draft only
+    use = tree
 
     def forward(ids, pos):  # pos [A]: tokens already cached of each active sequence
         if per_row:
@@ -349,12 +351,15 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
                 c.select(keep)
         if tree is not None:
             ar = torch.arange(rows.numel(), device=dev)
-            toks = tree.tokens(nxt, last)                                   # [A, T]
-            head0, x = model.forward_tree(toks, caches, pos, tree.depth, tree.visible)
+            toks = use.tokens(nxt, last)                                    # [A, T]
+            head0, x = model.forward_tree(toks, caches, pos, use.depth, use.visible)
             forwards += 1
             fwd[rows] += 1
             best = head0.argmax(-1)            # [A, T]: greedy's token after each node
-            path, run, reached, kept = tree.accept(toks, best)
+            path, run, reached, kept = use.accept(toks, best)
+            # while every sequence keeps all its drafts along the top ones, the next step
+            # verifies just those (the chain: fewer tokens); otherwise the whole tree
+            use = top if bool((run == n - 1).all() and (use.rank[path] == 0).all()) else tree
             proposed[:len(reached)] += reached
             accepted[:len(kept)] += kept
             cur = path[ar, run]
