@@ -49,6 +49,28 @@ def step_costs(model, prompt, tree, repeats: int = 50):
     return out
 
 
+@torch.no_grad()
+def linear_costs(model, rows=(1, 4, 25), repeats: int = 200):
+    """Median microseconds of one decoding product (the MLP's gate/up weight) for a few rows:
+    ATen's F.linear against the oneDNN-prepacked product of cached decoding."""
+    from mtp_ext.packed_linear import available, linear, packed_linears
+    w = model.trunk[0].mlp.gate_up.weight
+    out = {}
+    for r in rows:
+        x = torch.randn(r, w.shape[1], dtype=w.dtype)
+        for name, ctx in (("aten", False), ("prepacked", True)):
+            if ctx and not available():
+                continue
+            with packed_linears(ctx):
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    linear(x, w)
+                    times.append(time.perf_counter() - t)
+            out[(r, name)] = statistics.median(times) * 1e6
+    return w, out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--checkpoint", default="runs/mtp/checkpoint.pt")
@@ -117,6 +139,9 @@ def main(argv=None):
     print("step parts, median of 50 cached forwards after a prompt (ms):")
     for name, ms in step_costs(model, prompts[0], tree).items():
         print(f"  {name}: {ms:.2f}")
+    w, lin = linear_costs(model)
+    print(f"one product by a {list(w.shape)} {w.dtype} weight, median (us): " + "; ".join(
+        f"{r} rows {name} {us:.0f}" for (r, name), us in lin.items()))
     return 0 if same else 1
 
 
