@@ -15,7 +15,8 @@ import time
 import torch
 
 from mtp_ext.generate import DRAFT_TREE_NODES, DraftTree, chain
-from mtp_ext.train import calibrate_draft_tree, eval_batches, load_corpus, load_model
+from mtp_ext import tokenizer as tokenizers
+from mtp_ext.train import calibrate_draft_tree, eval_batches, load_corpus_files, load_model
 
 
 @torch.no_grad()
@@ -85,7 +86,9 @@ def main(argv=None):
     model, ckpt = load_model(a.checkpoint)
     model.eval()
     torch.manual_seed(0)
-    train, val, what = load_corpus(ckpt["args"].get("data"))
+    tok = tokenizers.from_dict(ckpt.get("tokenizer"))
+    train_files, val_files, what = load_corpus_files(ckpt["args"].get("data"))
+    train, val = tok.encode_corpus(train_files), tok.encode_corpus(val_files)
     if a.tree_nodes is not None or model.draft_tree is None:
         t = time.perf_counter()
         model.draft_tree = calibrate_draft_tree(model, train, a.tree_nodes or DRAFT_TREE_NODES)
@@ -96,7 +99,7 @@ def main(argv=None):
     prompts = torch.cat(eval_batches(val, a.prompts, 1, a.prompt_len))  # [P, prompt_len]
     print(f"checkpoint {a.checkpoint}: n = {model.cfg.n_future} heads, "
           f"{model.num_parameters() / 1e6:.2f}M parameters; {a.prompts} validation prompts of "
-          f"{a.prompt_len} bytes ({what}), {a.new} new tokens each; {torch.get_num_threads()} threads")
+          f"{a.prompt_len} tokens ({what}; {tokenizers.describe(tok)}), {a.new} new tokens each; {torch.get_num_threads()} threads")
     print(f"tree: {tree.paths}")
     rows = {mode: [] for mode in modes}
     for p in prompts:

@@ -139,7 +139,7 @@ def _add_train(sub):
     t.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="sequences per step (the global batch under torchrun)")
-    t.add_argument("--seq-len", type=int, default=d.seq_len, help="bytes per sequence")
+    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     t.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     t.add_argument("--warmup", type=int, default=d.warmup,
@@ -167,22 +167,33 @@ def _add_train(sub):
     t.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
                    help="bf16: the forward under bf16 autocast, fp32 weights and optimizer; "
                    "auto: bf16 where the CPU (AVX512-BF16 or AMX) or GPU computes it natively")
+    t.add_argument("--tokenizer", default=d.tokenizer, choices=["byte", "bpe"],
+                   help="bytes, or a byte-level BPE trained on the training split (needs the "
+                   "`tokenizers` library; cached in OUT, saved in the checkpoint)")
+    t.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help="the BPE's vocabulary size (--tokenizer bpe)")
     t.add_argument("--threads", type=int, default=None,
                    help="torch threads (None: torch's default)")
 
 
 def generate(args) -> int:
+    from . import tokenizer as tokenizers
     from .generate import chain
-    from .train import calibrate_draft_tree, load_corpus, load_model
+    from .train import calibrate_draft_tree, load_corpus_files, load_model
     model, ckpt = load_model(args.checkpoint)
-    if model.cfg.vocab_size != 256:
-        raise ValueError("mtp-ext generate reads byte-level checkpoints (vocabulary 256)")
-    prompt = torch.tensor([list(args.prompt.encode("utf-8"))])
+    tok = tokenizers.from_dict(ckpt.get("tokenizer"))
+    if tok.vocab_size != model.cfg.vocab_size:
+        raise ValueError(f"checkpoint {args.checkpoint!r}: tokenizer of {tok.vocab_size} tokens "
+                         f"for a model of vocabulary {model.cfg.vocab_size}")
+    prompt = torch.tensor([tok.encode(args.prompt)])
+    if prompt.numel() == 0:
+        raise ValueError("--prompt must not be empty")
     greedy_spec = args.speculative and args.temperature <= 0 and model.cfg.n_future > 1
     if greedy_spec and args.chain:
         model.draft_tree = chain(model.cfg.n_future).paths
     elif greedy_spec and model.draft_tree is None:  # a checkpoint from before draft trees
-        model.draft_tree = calibrate_draft_tree(model, load_corpus(ckpt["args"].get("data"))[0])
+        files = load_corpus_files(ckpt["args"].get("data"))[0]
+        model.draft_tree = calibrate_draft_tree(model, tok.encode_corpus(files))
         print(f"[draft tree of {len(model.draft_tree)} candidates calibrated on the training "
               f"split]", file=sys.stderr)
 
@@ -195,7 +206,7 @@ def generate(args) -> int:
     for mode in modes:  # warm: the first calls pay one-time costs
         run(mode, min(4, args.max_new_tokens))
     out = run(args.speculative, args.max_new_tokens)
-    text = bytes(out.tokens[0].tolist()).decode("utf-8", errors="replace")
+    text = tok.decode(out.tokens[0].tolist())
     print(text)
     st = out.stats()
     ms = lambda o: 1e3 * o.wall_seconds / max(1, o.new_tokens)
@@ -221,7 +232,7 @@ def _add_generate(sub):
     g.add_argument("--checkpoint", default="runs/mtp/checkpoint.pt",
                    help="written by `mtp-ext train`")
     g.add_argument("--prompt", required=True, help="the text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="bytes to generate")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (bytes, or the checkpoint's BPE tokens)")
     g.add_argument("--speculative", action="store_true",
                    help="self-speculative decoding with the extra heads (greedy, or "
                    "speculative sampling with --temperature)")
@@ -230,7 +241,8 @@ def _add_generate(sub):
                    "checkpoint's candidate tree")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
-    g.add_argument("--stop-byte", type=int, default=None, help="stop at this byte value")
+    g.add_argument("--stop-byte", type=int, default=None,
+                   help="stop at this token id (a byte value for byte-level checkpoints)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 

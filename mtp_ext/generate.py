@@ -201,9 +201,11 @@ def calibrate_tree(model, prompts, nodes: int = 16, new_tokens: int = 64) -> Lis
     return best[:nodes]
 
 
-def _tree(model, tree, speculative, temperature):
+def _tree(model, tree, speculative, temperature, room: int):
     """The DraftTree of greedy tree drafting, or None (plain decoding, speculative sampling, a
-    model without forward_tree: blockwise drafting by forward_cached)."""
+    model without forward_tree: blockwise drafting by forward_cached). room: the cache slots
+    left after the prompt and the new tokens; the model's own tree gives way to the chain where
+    it does not fit."""
     can = hasattr(model, "forward_tree")
     if tree is not None:
         if not speculative:
@@ -216,7 +218,9 @@ def _tree(model, tree, speculative, temperature):
     if not speculative or temperature > 0 or not can or model.cfg.n_future < 2:
         return None
     if tree is None:
-        tree = getattr(model, "draft_tree", None) or chain(model.cfg.n_future)
+        tree = getattr(model, "draft_tree", None)
+        if not tree or len(tree) + 1 > room:
+            tree = chain(model.cfg.n_future)
     return tree if isinstance(tree, DraftTree) else DraftTree(tree, model.cfg.n_future)
 
 
@@ -253,7 +257,8 @@ def generate(model, input_ids, max_new_tokens: int, *, speculative: bool = False
     Each sequence gets max_new_tokens tokens, or fewer up to and including stop_token.
     tree (greedy speculative decoding, a model with forward_tree): a DraftTree or its rank
     paths; default the model's `draft_tree` when it has one, else each head's top draft."""
-    tree = _tree(model, tree, speculative, temperature)
+    tree = _tree(model, tree, speculative, temperature,
+                 model.cfg.max_seq_len - input_ids.shape[-1] - max_new_tokens)
     lens = _check(model, input_ids, max_new_tokens, speculative, temperature, top_k,
                   prompt_lengths, tree)
     B = input_ids.shape[0]

@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import distributed as mdist
+from . import tokenizer as tokenizers
 from .generate import DRAFT_TREE_NODES, calibrate_tree
 from .model import LOSS_IMPLS, MTPConfig, MTPTransformer
 
@@ -61,6 +62,13 @@ def load_corpus(data: Optional[str] = None, val_fraction: float = 0.05):
     """(train bytes, validation bytes, description) as uint8 tensors. data: a folder of text
     files (binary files, with NUL bytes or not UTF-8, are skipped); None: the standard
     library's .py files. A file goes to validation when crc32(relative path) says so."""
+    train, val, what = load_corpus_files(data, val_fraction)
+    as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8)
+    return as_tensor(train), as_tensor(val), what
+
+
+def load_corpus_files(data: Optional[str] = None, val_fraction: float = 0.05):
+    """load_corpus's files: (train [bytes], validation [bytes], description)."""
     if data is None:
         root, files = stdlib_root(), _text_files(stdlib_root(), (".py",))
         what = f"Python standard library sources ({root})"
@@ -90,8 +98,7 @@ def load_corpus(data: Optional[str] = None, val_fraction: float = 0.05):
         raise ValueError(f"{what}: need text files for both training and validation, found "
                          f"{len(texts)} text file(s): {len(train)} for training and {len(val)} "
                          f"for validation")
-    as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8)
-    return as_tensor(train), as_tensor(val), f"{what}: {len(train)} train, {len(val)} validation files"
+    return train, val, f"{what}: {len(train)} train, {len(val)} validation files"
 
 
 def sample_batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator):
@@ -180,6 +187,8 @@ class TrainArgs:
     # device computes bf16 natively (native_bf16), else fp32
     dtype: str = "auto"
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    tokenizer: str = "byte"  # or "bpe": a byte-level BPE of vocab_size trained on the training split
+    vocab_size: int = 8192
 
 
 def lr_at(step: int, a: TrainArgs) -> float:
@@ -195,7 +204,8 @@ def _state_options():
 
 
 def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: torch.Generator,
-                    ctx: mdist.DistContext = mdist.DistContext(), draft_tree=None):
+                    ctx: mdist.DistContext = mdist.DistContext(), draft_tree=None,
+                    tokenizer=None):
     """Whole model and optimizer state, gathered from every rank (a collective under FSDP) and
     written by rank 0. The same format with or without torchrun: either can resume the other."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -206,7 +216,8 @@ def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: tor
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model_state, "config": mdist.unwrap(model).cfg.to_dict(),
                 "optimizer": opt_state, "step": step, "args": vars(args),
-                "data_rng": gen.get_state(), "draft_tree": draft_tree}, tmp)
+                "data_rng": gen.get_state(), "draft_tree": draft_tree,
+                "tokenizer": tokenizer}, tmp)
     os.replace(tmp, path)
 
 
@@ -255,6 +266,11 @@ def check_args(a: TrainArgs):
         raise ValueError(f"--lr must be > 0, got {a.lr}")
     if a.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {a.dtype!r}")
+    if a.tokenizer not in ("byte", "bpe"):
+        raise ValueError(f"--tokenizer must be 'byte' or 'bpe', got {a.tokenizer!r}")
+    if a.tokenizer == "bpe" and a.vocab_size <= 256:
+        raise ValueError(f"--vocab-size must be > 256 (the bytes) for --tokenizer bpe, got "
+                         f"{a.vocab_size}")
     if a.parallel not in mdist.PARALLEL_MODES:
         raise ValueError(f"--parallel must be one of {mdist.PARALLEL_MODES}, got {a.parallel!r}")
 
@@ -277,20 +293,26 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    train_data, val_data, what = load_corpus(a.data)
-    if min(train_data.numel(), val_data.numel()) <= a.seq_len + 1:
-        raise ValueError(f"corpus too small for --seq-len {a.seq_len}: {train_data.numel()} "
-                         f"train and {val_data.numel()} validation bytes")
     ckpt_path = Path(a.out) / CHECKPOINT
     if ckpt_path.exists() and not (a.resume or a.overwrite):
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run or "
                          f"--overwrite to replace it")
+    train_files, val_files, what = load_corpus_files(a.data)
+    if a.resume:
+        tok = tokenizers.from_dict(torch.load(ckpt_path, map_location="cpu",
+                                              weights_only=False).get("tokenizer"))
+    else:
+        tok = tokenizers.for_training(a.tokenizer, a.vocab_size, train_files, Path(a.out), log)
+    train_data, val_data = tok.encode_corpus(train_files), tok.encode_corpus(val_files)
+    if min(train_data.numel(), val_data.numel()) <= a.seq_len + 1:
+        raise ValueError(f"corpus too small for --seq-len {a.seq_len}: {train_data.numel()} "
+                         f"train and {val_data.numel()} validation tokens")
     gen = torch.Generator().manual_seed(a.seed)
     start = 0
     if a.resume:
         model, ckpt = load_model(str(ckpt_path))
     else:
-        cfg = MTPConfig(vocab_size=256, d_model=a.d_model, n_layers=a.layers,
+        cfg = MTPConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.layers,
                         n_heads=a.attn_heads, n_future=a.n_future, max_seq_len=a.seq_len)
         model = MTPTransformer(cfg)  # the same seed on every rank: the same initial weights
     core = model
@@ -307,8 +329,8 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     dtype = a.dtype if a.dtype != "auto" else ("bf16" if native_bf16(ctx.device) else "fp32")
     amp = lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     n = core.cfg.n_future
-    log(f"data: {what}; {train_data.numel() / 1e6:.1f} MB train, {val_data.numel() / 1e6:.2f} MB "
-        f"validation")
+    log(f"data: {what}; {tokenizers.describe(tok)}: {train_data.numel() / 1e6:.2f}M train, "
+        f"{val_data.numel() / 1e6:.2f}M validation tokens")
     log(f"model: {core.num_parameters() / 1e6:.2f}M parameters, {core.cfg.n_layers} trunk "
         f"layers + {n} heads, d_model {core.cfg.d_model}; loss: {a.loss_impl}; "
         f"{dtype}{' (auto)' if a.dtype == 'auto' else ''}; {torch.get_num_threads()} threads"
@@ -352,7 +374,8 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     if tree:
         log(f"draft tree for speculative decoding: {len(tree)} candidates, calibrated on the "
             f"training split in {time.perf_counter() - t1:.1f} s")
-    save_checkpoint(ckpt_path, model, opt, a.steps, a, gen, ctx, draft_tree=tree)
+    save_checkpoint(ckpt_path, model, opt, a.steps, a, gen, ctx, draft_tree=tree,
+                    tokenizer=tok.to_dict())
     summary = {
         "steps": a.steps, "tokens": tokens, "train_seconds": train_time,
         "tokens_per_second": tokens / max(train_time, 1e-9),

@@ -347,6 +347,10 @@ def test_draft_tree_errors():
         model.generate(p, 5, tree=TREE)
     with pytest.raises(ValueError, match="max_seq_len"):  # the tree's slots count
         model.generate(p, 96 - 4 - 6, speculative=True, tree=TREE)
+    # the model's own tree gives way to the chain where it does not fit
+    model.draft_tree = TREE
+    near = model.generate(p, 96 - 4 - 6, speculative=True)
+    assert torch.equal(near.tokens, model.generate(p, 96 - 4 - 6).tokens)
 
 
 def test_calibrated_tree(trained):
