@@ -29,7 +29,7 @@ def step_costs(model, prompt, tree, repeats: int = 50):
     caches = model.new_caches(1)
     model.forward_cached(prompt[None], caches)
     pos = torch.tensor([prompt.numel()])
-    toks = prompt[None, :len(tree) + 1]
+    toks = prompt.repeat(len(tree) // prompt.numel() + 1)[None, :len(tree) + 1]
     x = torch.randn(1, n, model.cfg.d_model, dtype=model.embed.weight.dtype)
     parts = {"plain step: 1 token, trunk + head 0":
              lambda: model.forward_cached(toks[:, :1], caches, 1, positions=pos),
