@@ -158,16 +158,11 @@ class DraftTree:
 
     def tokens(self, nxt, draft_logits):
         """nxt [A] (the root), draft_logits [n-1, A, V] -> the tree's tokens [A, T]."""
-        cols = [nxt[:, None]]
-        for k, top in enumerate(self.top, 1):
-            if top:
-                cand = draft_logits[k - 1].topk(top, dim=-1).indices           # [A, top]
-                at = self.depth[1:] == k
-                cols.append((k, at, cand[:, self.rank[1:][at]]))
         out = torch.empty(nxt.shape[0], len(self) + 1, dtype=nxt.dtype, device=nxt.device)
         out[:, 0] = nxt
-        for k, at, tok in cols[1:]:
-            out[:, 1:][:, at] = tok
+        for k, nodes in enumerate(self.levels, 1):  # head k's candidates at depth k
+            cand = draft_logits[k - 1].topk(self.top[k - 1], dim=-1).indices   # [A, top]
+            out[:, nodes] = cand[:, self.rank[nodes]]
         return out
 
 
