@@ -232,7 +232,8 @@ def _add_generate(sub):
     g.add_argument("--checkpoint", default="runs/mtp/checkpoint.pt",
                    help="written by `mtp-ext train`")
     g.add_argument("--prompt", required=True, help="the text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (bytes, or the checkpoint's BPE tokens)")
+    g.add_argument("--max-new-tokens", type=int, default=128,
+                   help="tokens to generate (bytes, or the checkpoint's BPE tokens)")
     g.add_argument("--speculative", action="store_true",
                    help="self-speculative decoding with the extra heads (greedy, or "
                    "speculative sampling with --temperature)")

@@ -146,7 +146,8 @@ class DraftTree:
         going = torch.ones_like(cur, dtype=torch.bool)
         path, reached, kept = [cur], [], []
         for nodes in self.levels:  # a child of cur with greedy's token
-            match = (self.parent[nodes] == cur[:, None]) & (toks[:, nodes] == best.gather(1, cur[:, None]))
+            want = best.gather(1, cur[:, None])                  # greedy's token after cur
+            match = (self.parent[nodes] == cur[:, None]) & (toks[:, nodes] == want)
             found = going & match.any(1)
             reached.append(going.sum())
             kept.append(found.sum())

@@ -346,7 +346,7 @@ class MTPTransformer(nn.Module):
         else:
             new = visible[:, rel.clamp(0, T - 1)].permute(1, 0, 2) & (rel < T)[:, None, :]
             mask = (rel < 0)[:, None, :] | new
-        return cos, sin, mask[:, None], slots                                    # mask [B, 1, T, end]
+        return cos, sin, mask[:, None], slots                        # mask [B, 1, T, end]
 
     def _trunk_cached(self, input_ids, caches, cos, sin, mask, pos):
         x = self.embed(input_ids)
