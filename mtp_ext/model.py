@@ -327,7 +327,7 @@ class MTPTransformer(nn.Module):
                                                    torch.arange(x.shape[1], device=x.device))
             h = self.norm(self._draft_layers(x, cos, sin, caches[self.cfg.n_layers + 1], mask,
                                              slots))
-            return torch.stack([self.head_logits(k + 1, hk) for k, hk in enumerate(h)])
+            return self._heads_logits(h, first=1)
 
     def _geometry(self, positions, depth, visible=None):
         """RoPE tables, attention mask and cache slots of T new tokens per sequence after
@@ -362,7 +362,15 @@ class MTPTransformer(nn.Module):
         hs = [self.norm(self.heads[0](x, cos, sin, caches[L], mask, pos))]
         if heads > 1:
             hs.extend(self.norm(self._draft_layers(x, cos, sin, caches[L + 1], mask, pos))[:heads - 1])
-        return torch.stack([self.head_logits(k, h) for k, h in enumerate(hs)])
+        return self._heads_logits(torch.stack(hs))
+
+    def _heads_logits(self, h, first: int = 0):
+        """Logits [k, ..., V] of heads first..first+k-1 from their hidden states h [k, ..., D]:
+        with a shared unembedding one product (the weight read once, not once per head)."""
+        w = self.unembedding
+        if w.dim() == 2:
+            return linear(h, w)
+        return torch.stack([self.head_logits(first + i, hi) for i, hi in enumerate(h)])
 
     draft_dtype: Optional[torch.dtype] = None  # of the draft heads in cached decoding
 

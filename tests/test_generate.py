@@ -21,8 +21,9 @@ def full_logits(model, x):
                         for k in range(model.cfg.n_future)])
 
 
-def test_kv_cache_gives_the_logits_of_a_full_forward():
-    model = tiny()
+@pytest.mark.parametrize("unembedding", [{}, {"per_head_unembedding": True}])
+def test_kv_cache_gives_the_logits_of_a_full_forward(unembedding):
+    model = tiny(**unembedding)
     x = torch.randint(0, 48, (3, 20), generator=torch.Generator().manual_seed(1))
     want = full_logits(model, x)
     caches = model.new_caches(3)
@@ -402,7 +403,7 @@ def test_packed_linears_and_bf16_drafts():
     with profile() as prof, torch.no_grad():
         got = model.forward_cached(x, model.new_caches(2))
     calls = sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise")
-    assert calls == 2 * 4 + 4 + 4  # 2 trunk layers and head 0 (4 each), the heads' logits
+    assert calls == 2 * 4 + 4 + 1  # 2 trunk layers and head 0 (4 each), all heads' logits
     want = full_logits(model, x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
