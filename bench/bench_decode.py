@@ -16,6 +16,7 @@ import torch
 
 from mtp_ext.generate import DRAFT_TREE_NODES, DraftTree, chain
 from mtp_ext import tokenizer as tokenizers
+from mtp_ext.benchmark import time_step
 from mtp_ext.train import calibrate_draft_tree, eval_batches, load_corpus_files, load_model
 
 
@@ -39,15 +40,8 @@ def step_costs(model, prompt, tree, repeats: int = 50):
              f"draft heads on a kept path of {n} tokens": lambda: model.draft_forward(x, caches, pos),
              f"blockwise step: {n} tokens, trunk + {n} heads":
              lambda: model.forward_cached(toks[:, :n], caches, n, positions=pos)}
-    out = {}
-    for name, f in parts.items():
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t)
-        out[name] = statistics.median(times) * 1e3
-    return out
+    return {name: statistics.median(time_step(f, "cpu", repeats)) * 1e3
+            for name, f in parts.items()}
 
 
 @torch.no_grad()
@@ -63,11 +57,7 @@ def linear_costs(model, rows=(1, 4, 25), repeats: int = 200):
             if ctx and not available():
                 continue
             with packed_linears(ctx):
-                times = []
-                for _ in range(repeats):
-                    t = time.perf_counter()
-                    linear(x, w)
-                    times.append(time.perf_counter() - t)
+                times = time_step(lambda: linear(x, w), "cpu", repeats)
             out[(r, name)] = statistics.median(times) * 1e6
     return w, out
 

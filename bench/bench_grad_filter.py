@@ -21,12 +21,12 @@ import argparse
 import math
 import statistics
 import sys
-import time
 
 import torch
 
 import mtp_ext
 from mtp_ext import tokenizer as tokenizers
+from mtp_ext.benchmark import time_step
 from mtp_ext.train import eval_batches, load_corpus_files, load_model
 
 
@@ -47,13 +47,7 @@ def grads(h, w, y, keep=None):
 
 
 def timed(fn, repeats):
-    fn()
-    t = []
-    for _ in range(repeats):
-        s = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - s)
-    return statistics.median(t)
+    return statistics.median(time_step(fn, "cpu", repeats))
 
 
 def main(argv=None):

@@ -373,6 +373,7 @@ class MTPTransformer(nn.Module):
         return torch.stack([self.head_logits(first + i, hi) for i, hi in enumerate(h)])
 
     draft_dtype: Optional[torch.dtype] = None  # of the draft heads in cached decoding
+    draft_tree = None  # rank paths of greedy tree drafting (mtp_ext.generate); None: the chain
 
     def _draft_dtype(self) -> torch.dtype:
         """The draft heads' dtype in cached decoding: draft_dtype when set; by default bf16 for

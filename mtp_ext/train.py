@@ -63,8 +63,8 @@ def load_corpus(data: Optional[str] = None, val_fraction: float = 0.05):
     files (binary files, with NUL bytes or not UTF-8, are skipped); None: the standard
     library's .py files. A file goes to validation when crc32(relative path) says so."""
     train, val, what = load_corpus_files(data, val_fraction)
-    as_tensor = lambda parts: torch.frombuffer(bytearray(b"\n".join(parts)), dtype=torch.uint8)
-    return as_tensor(train), as_tensor(val), what
+    byte = tokenizers.ByteTokenizer()
+    return byte.encode_corpus(train), byte.encode_corpus(val), what
 
 
 def load_corpus_files(data: Optional[str] = None, val_fraction: float = 0.05):
