@@ -73,7 +73,10 @@ def main(argv=None):
                     help="calibrate a tree of this many candidates on the training split "
                     f"(default: the checkpoint's tree, else {DRAFT_TREE_NODES})")
     a = ap.parse_args(argv)
-    model, ckpt = load_model(a.checkpoint)
+    try:
+        model, ckpt = load_model(a.checkpoint)
+    except (ValueError, FileNotFoundError) as e:  # a refused or unreadable checkpoint
+        ap.error(str(e))
     model.eval()
     torch.manual_seed(0)
     tok = tokenizers.from_dict(ckpt.get("tokenizer"))

@@ -60,7 +60,10 @@ def main(argv=None):
     ap.add_argument("--dump", default=None, help="save the hidden states and labels here")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
-    model, ckpt = load_model(a.checkpoint)
+    try:
+        model, ckpt = load_model(a.checkpoint)
+    except (ValueError, FileNotFoundError) as e:  # a refused or unreadable checkpoint
+        ap.error(str(e))
     model.eval()
     tok = tokenizers.from_dict(ckpt.get("tokenizer"))
     train_files, val_files, what = load_corpus_files(ckpt["args"].get("data"))

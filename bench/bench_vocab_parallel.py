@@ -121,7 +121,7 @@ def main(argv=None):
         result_file = os.path.join(tmp, "result.pt")
         mp.spawn(rank_main, args=(a, threads, os.path.join(tmp, "rdv"), result_file),
                  nprocs=a.ranks)
-        r = torch.load(result_file)
+        r = torch.load(result_file, weights_only=True)
     rows = a.heads * a.rows
     print(f"vocab-parallel fused loss, forward+backward, n={a.heads} N={a.rows} D={a.hidden} "
           f"V={a.vocab} {a.dtype}; {a.ranks} gloo ranks x {threads} threads vs 1 process x "

@@ -247,12 +247,31 @@ def _add_generate(sub):
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
 
+def convert_checkpoint(args) -> int:
+    from .checkpoint import convert_checkpoint as convert
+    dropped, dst = convert(args.src, args.dst, args.allow)
+    print(f"{dst}: {args.src} in plain types, readable by the safe loader"
+          + (f" (dropped entries: {', '.join(dropped)})" if dropped else ""))
+    return 0
+
+
+def _add_convert(sub):
+    c = sub.add_parser("convert-checkpoint", formatter_class=HELP,
+                       help="rewrite a checkpoint you trust that the safe loader refuses")
+    c.add_argument("src", metavar="IN", help="the checkpoint (kept as it is)")
+    c.add_argument("dst", metavar="OUT", help="where to write it in plain types")
+    c.add_argument("--allow", nargs="+", required=True, metavar="NAME",
+                   help="the globals to accept while reading IN, as the refusal named them "
+                   "(e.g. pathlib.PosixPath); an allowed name runs on load: trust the file")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="mtp-ext", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_generate(sub)
+    _add_convert(sub)
     b = sub.add_parser("bench", formatter_class=HELP,
                        help="time and peak memory of the loss paths, side by side")
     b.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="numbers of heads n")
@@ -278,9 +297,10 @@ def main(argv=None) -> int:
                    help="measure nothing: draw --plot from tables saved with --out")
     args = ap.parse_args(argv)
     args.argv = argv
-    if args.cmd in ("train", "generate"):
+    commands = {"train": train, "generate": generate, "convert-checkpoint": convert_checkpoint}
+    if args.cmd in commands:
         try:
-            return (train if args.cmd == "train" else generate)(args)
+            return commands[args.cmd](args)
         except (ValueError, FileNotFoundError) as e:  # bad flags or data: a message, not a trace
             print(f"mtp-ext {args.cmd}: error: {e}", file=sys.stderr)
             return 2

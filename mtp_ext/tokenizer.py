@@ -99,8 +99,12 @@ def for_training(kind: str, vocab_size: int, train_parts: List[bytes], out: Path
     for p in train_parts:
         digest.update(hashlib.sha256(p).digest())
     path = Path(out) / f"tokenizer-bpe-{vocab_size}-{digest.hexdigest()[:12]}.json"
-    if path.exists():
-        tok = BPETokenizer(_tokenizers().Tokenizer.from_file(str(path)))
+    if path.exists():  # JSON, parsed by the tokenizers library: data, never code
+        try:
+            tok = BPETokenizer(_tokenizers().Tokenizer.from_file(str(path)))
+        except Exception as e:
+            raise ValueError(f"the cached tokenizer {path} does not load ({e}): delete it to "
+                             f"train the tokenizer again") from None
         log(f"tokenizer: byte-level BPE of {tok.vocab_size} tokens, cached in {path}")
         return tok
     import time

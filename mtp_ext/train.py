@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import resource
 import sys
 import sysconfig
@@ -21,6 +20,7 @@ import torch
 
 from . import distributed as mdist
 from . import tokenizer as tokenizers
+from .checkpoint import read_checkpoint, write_checkpoint
 from .generate import DRAFT_TREE_NODES, calibrate_tree
 from .model import LOSS_IMPLS, MTPConfig, MTPTransformer
 
@@ -45,16 +45,32 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _text_files(root: Path, suffixes: Optional[Tuple[str, ...]]) -> List[Path]:
+MAX_FILE_BYTES = 1 << 30  # a --data file is read whole into memory
+
+
+def _check_data_file(p: Path, root: Path):
+    if p.is_symlink() and not p.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"{p} links to {p.resolve()}, outside the data folder {root}: copy "
+                         f"the file into the folder to train on it")
+    if p.stat().st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{p}: {p.stat().st_size / 2**30:.1f} GiB, over the "
+                         f"{MAX_FILE_BYTES >> 30} GiB a data file may have (each is read "
+                         f"whole into memory): split it into smaller files")
+
+
+def _text_files(root: Path, suffixes: Optional[Tuple[str, ...]], user: bool) -> List[Path]:
     """Files under root (not under its own site-packages, dist-packages or __pycache__
-    subfolders: the folders above root do not count)."""
+    subfolders: the folders above root do not count; symbolic links to folders are not
+    followed). In a user's folder, a link to a file outside it or a file over MAX_FILE_BYTES:
+    ValueError (the standard library may link to /etc, as Debian's sitecustomize.py does)."""
     out = []
     for p in sorted(root.rglob("*")):
         skip = {"site-packages", "dist-packages", "__pycache__"} & set(p.relative_to(root).parts)
-        if not p.is_file() or skip:
+        if not p.is_file() or skip or (suffixes is not None and p.suffix not in suffixes):
             continue
-        if suffixes is None or p.suffix in suffixes:
-            out.append(p)
+        if user:
+            _check_data_file(p, root)
+        out.append(p)
     return out
 
 
@@ -70,13 +86,13 @@ def load_corpus(data: Optional[str] = None, val_fraction: float = 0.05):
 def load_corpus_files(data: Optional[str] = None, val_fraction: float = 0.05):
     """load_corpus's files: (train [bytes], validation [bytes], description)."""
     if data is None:
-        root, files = stdlib_root(), _text_files(stdlib_root(), (".py",))
+        root, files = stdlib_root(), _text_files(stdlib_root(), (".py",), user=False)
         what = f"Python standard library sources ({root})"
     else:
         root = Path(data)
         if not root.is_dir():
             raise FileNotFoundError(f"--data {data!r} is not a folder of text files")
-        files, what = _text_files(root, None), f"text files under {root}"
+        files, what = _text_files(root, None, user=True), f"text files under {root}"
     texts = []  # (bucket, bytes)
     for p in files:
         try:
@@ -212,28 +228,28 @@ def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: tor
     model_state, opt_state = get_state_dict(model, opt, options=_state_options())
     if not ctx.is_main:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model_state, "config": mdist.unwrap(model).cfg.to_dict(),
-                "optimizer": opt_state, "step": step, "args": vars(args),
-                "data_rng": gen.get_state(), "draft_tree": draft_tree,
-                "tokenizer": tokenizer}, tmp)
-    os.replace(tmp, path)
+    write_checkpoint(path, {"model": model_state, "config": mdist.unwrap(model).cfg.to_dict(),
+                            "optimizer": opt_state, "step": step, "args": vars(args),
+                            "data_rng": gen.get_state(), "draft_tree": draft_tree,
+                            "tokenizer": tokenizer})
 
 
-def load_model(path: str) -> Tuple[MTPTransformer, dict]:
-    """The model of a checkpoint written by `mtp-ext train`, and the checkpoint dict."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+def load_model(path: str, ckpt: Optional[dict] = None) -> Tuple[MTPTransformer, dict]:
+    """The model of a checkpoint written by `mtp-ext train` (read with torch's safe loader:
+    mtp_ext.checkpoint), and the checkpoint dict; ckpt: that dict, already read from path."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        config = ckpt["config"]
-    except Exception as e:  # not a torch file, or a torch file of something else
-        raise ValueError(f"{path!r} is not a checkpoint written by `mtp-ext train` "
-                         f"({type(e).__name__}: {e})") from e
-    model = MTPTransformer(MTPConfig.from_dict(config))
-    model.load_state_dict(ckpt["model"])
-    model.draft_tree = ckpt.get("draft_tree")
+        model = MTPTransformer(MTPConfig.from_dict(dict(ckpt["config"])))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"checkpoint {path!r}: its model does not load ({type(e).__name__}: "
+                         f"{e})") from None
+    tree = ckpt.get("draft_tree")
+    if tree is not None and not (isinstance(tree, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and all(isinstance(r, int) and r >= 0 for r in p)
+            for p in tree)):
+        raise ValueError(f"checkpoint {path!r}: draft_tree is not a list of rank paths")
+    model.draft_tree = [tuple(p) for p in tree] if tree is not None else None
     return model, ckpt
 
 
@@ -299,8 +315,8 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
                          f"--overwrite to replace it")
     train_files, val_files, what = load_corpus_files(a.data)
     if a.resume:
-        tok = tokenizers.from_dict(torch.load(ckpt_path, map_location="cpu",
-                                              weights_only=False).get("tokenizer"))
+        ckpt = read_checkpoint(ckpt_path)
+        tok = tokenizers.from_dict(ckpt.get("tokenizer"))
     else:
         tok = tokenizers.for_training(a.tokenizer, a.vocab_size, train_files, Path(a.out), log)
     train_data, val_data = tok.encode_corpus(train_files), tok.encode_corpus(val_files)
@@ -310,7 +326,7 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     gen = torch.Generator().manual_seed(a.seed)
     start = 0
     if a.resume:
-        model, ckpt = load_model(str(ckpt_path))
+        model, ckpt = load_model(str(ckpt_path), ckpt)
     else:
         cfg = MTPConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.layers,
                         n_heads=a.attn_heads, n_future=a.n_future, max_seq_len=a.seq_len)

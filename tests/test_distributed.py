@@ -98,11 +98,11 @@ def test_torchrun_training_matches_single_process(mode, corpus, tmp_path):
     _run(_train_cmd(single, corpus, 6, ["--threads", "1", "--resume"]))
     logs = _run(_train_cmd(par, corpus, 4, ["--parallel", mode]), ranks=2)
     assert logs.count("checkpoint:") == 1 and "x 2 ranks" in logs, logs
-    ckpt4 = torch.load(par / "checkpoint.pt", weights_only=False)
+    ckpt4 = torch.load(par / "checkpoint.pt")
     logs = _run(_train_cmd(par, corpus, 6, ["--parallel", mode, "--resume"]), ranks=2)
     assert "resumed" in logs and "at step 4" in logs, logs
-    want = torch.load(single / "checkpoint.pt", weights_only=False)
-    got = torch.load(par / "checkpoint.pt", weights_only=False)
+    want = torch.load(single / "checkpoint.pt")
+    got = torch.load(par / "checkpoint.pt")
     assert got["step"] == 6 and ckpt4["step"] == 4
     assert got["model"].keys() == want["model"].keys()
     for k, v in want["model"].items():
@@ -161,6 +161,6 @@ def test_torchrun_exit_is_clean(mode, repeat, corpus, tmp_path):
     out = tmp_path / "out"
     logs = _run(_train_cmd(out, corpus, 2, ["--parallel", mode]), ranks=2)
     assert "checkpoint:" in logs
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt")
     assert ckpt["step"] == 2 and ckpt["model"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 2

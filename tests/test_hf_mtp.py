@@ -142,6 +142,9 @@ def test_save_and_load_round_trip(family, tmp_path):
     assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError, match="not an MTPForCausalLM directory"):
         hf.MTPForCausalLM.from_pretrained(str(tmp_path / "nothing"))
+    (tmp_path / hf.mtp_model.META_FILE).write_text("{broken")
+    with pytest.raises(ValueError, match="not a mtp_ext.json written by save_pretrained"):
+        hf.MTPForCausalLM.from_pretrained(str(tmp_path))
 
 
 def prompts(seed=7, B=2, P=6):

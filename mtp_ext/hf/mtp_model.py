@@ -250,8 +250,14 @@ class MTPForCausalLM(nn.Module):
         meta_path = os.path.join(path, META_FILE)
         if not os.path.exists(meta_path):
             raise FileNotFoundError(f"{meta_path}: not an MTPForCausalLM directory (no {META_FILE})")
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:  # JSON and safetensors: data by format; the base model by transformers' loader
+            with open(meta_path) as f:
+                meta = json.load(f)
+            if not isinstance(meta, dict) or "n_future" not in meta:
+                raise ValueError("not an object with n_future")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta_path}: not a {META_FILE} written by save_pretrained "
+                             f"({e})") from None
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         mtp = cls(model, meta["n_future"], head_weights=meta.get("head_weights"),
                   chunk_size=meta.get("chunk_size"))
