@@ -17,6 +17,7 @@ import torch
 from mtp_ext.generate import DRAFT_TREE_NODES, DraftTree, chain
 from mtp_ext import tokenizer as tokenizers
 from mtp_ext.benchmark import time_step
+from mtp_ext.distributed import pick_device
 from mtp_ext.train import calibrate_draft_tree, eval_batches, load_corpus_files, load_model
 
 
@@ -26,12 +27,13 @@ def step_costs(model, prompt, tree, repeats: int = 50):
     token, trunk and head 0), the verification of a tree of candidates (trunk and head 0), the
     draft heads on a kept path of 1 and n tokens, and a blockwise step of n tokens through every
     head (speculative sampling's step)."""
-    n = model.cfg.n_future
+    n, dev = model.cfg.n_future, prompt.device
     caches = model.new_caches(1)
     model.forward_cached(prompt[None], caches)
-    pos = torch.tensor([prompt.numel()])
+    pos = torch.tensor([prompt.numel()], device=dev)
     toks = prompt.repeat(len(tree) // prompt.numel() + 1)[None, :len(tree) + 1]
-    x = torch.randn(1, n, model.cfg.d_model, dtype=model.embed.weight.dtype)
+    x = torch.randn(1, n, model.cfg.d_model, dtype=model.embed.weight.dtype, device=dev)
+    tree = tree.to(dev)
     parts = {"plain step: 1 token, trunk + head 0":
              lambda: model.forward_cached(toks[:, :1], caches, 1, positions=pos),
              f"tree verification: {len(tree) + 1} tokens, trunk + head 0":
@@ -40,7 +42,7 @@ def step_costs(model, prompt, tree, repeats: int = 50):
              f"draft heads on a kept path of {n} tokens": lambda: model.draft_forward(x, caches, pos),
              f"blockwise step: {n} tokens, trunk + {n} heads":
              lambda: model.forward_cached(toks[:, :n], caches, n, positions=pos)}
-    return {name: statistics.median(time_step(f, "cpu", repeats)) * 1e3
+    return {name: statistics.median(time_step(f, dev.type, repeats)) * 1e3
             for name, f in parts.items()}
 
 
@@ -52,12 +54,12 @@ def linear_costs(model, rows=(1, 4, 25), repeats: int = 200):
     w = model.trunk[0].mlp.gate_up.weight
     out = {}
     for r in rows:
-        x = torch.randn(r, w.shape[1], dtype=w.dtype)
+        x = torch.randn(r, w.shape[1], dtype=w.dtype, device=w.device)
         for name, ctx in (("aten", False), ("prepacked", True)):
-            if ctx and not available():
+            if ctx and (not available() or w.device.type != "cpu"):
                 continue
             with packed_linears(ctx):
-                times = time_step(lambda: linear(x, w), "cpu", repeats)
+                times = time_step(lambda: linear(x, w), w.device.type, repeats)
             out[(r, name)] = statistics.median(times) * 1e6
     return w, out
 
@@ -72,12 +74,14 @@ def main(argv=None):
     ap.add_argument("--tree-nodes", type=int, default=None,
                     help="calibrate a tree of this many candidates on the training split "
                     f"(default: the checkpoint's tree, else {DRAFT_TREE_NODES})")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a = ap.parse_args(argv)
     try:
+        device = pick_device(a.device)
         model, ckpt = load_model(a.checkpoint)
     except (ValueError, FileNotFoundError) as e:  # a refused or unreadable checkpoint
         ap.error(str(e))
-    model.eval()
+    model.to(device).eval()
     torch.manual_seed(0)
     tok = tokenizers.from_dict(ckpt.get("tokenizer"))
     train_files, val_files, what = load_corpus_files(ckpt["args"].get("data"))
@@ -89,10 +93,12 @@ def main(argv=None):
     tree = DraftTree(model.draft_tree, model.cfg.n_future)
     modes = {"plain": dict(), "speculative, chain": dict(speculative=True, tree=chain(model.cfg.n_future)),
              f"speculative, tree of {len(tree)}": dict(speculative=True, tree=tree)}
-    prompts = torch.cat(eval_batches(val, a.prompts, 1, a.prompt_len))  # [P, prompt_len]
+    prompts = torch.cat(eval_batches(val, a.prompts, 1, a.prompt_len)).to(device)  # [P, len]
     print(f"checkpoint {a.checkpoint}: n = {model.cfg.n_future} heads, "
           f"{model.num_parameters() / 1e6:.2f}M parameters; {a.prompts} validation prompts of "
-          f"{a.prompt_len} tokens ({what}; {tokenizers.describe(tok)}), {a.new} new tokens each; {torch.get_num_threads()} threads")
+          f"{a.prompt_len} tokens ({what}; {tokenizers.describe(tok)}), {a.new} new tokens each; "
+          + (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads"))
     print(f"tree: {tree.paths}")
     rows = {mode: [] for mode in modes}
     for p in prompts:

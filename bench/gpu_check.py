@@ -2,7 +2,9 @@
 runs every CUDA test without stopping at the first failure and lists all failures, then prints
 time and peak memory of the fused path, the reference path, torch.compile and the GEMM floor
 (and Liger-Kernel / cut-cross-entropy when importable) at the GPU reference shape of
-docs/design.md, n = 4, N = 16384, D = 4096, V = 128256, bf16. Each part says how long it took.
+docs/design.md, n = 4, N = 16384, D = 4096, V = 128256, bf16, and runs `mtp-ext train --device
+cuda`, a one-rank torchrun of it (nccl) and `mtp-ext generate --device cuda`, each reported.
+Each part says how long it took.
 
     python bench/gpu_check.py [--skip-build] [--out gpu_results.md]
 
@@ -69,6 +71,34 @@ class Timer:
             print(f"--- {name}: {self.parts[-1][1]:.0f} s", flush=True)
 
 
+def training_checks(device):
+    """`mtp-ext train --device D` (a short run), the same under a one-rank torchrun (nccl on
+    CUDA) and `mtp-ext generate --device D --speculative` from its checkpoint: each command's
+    exit code and its last lines."""
+    import tempfile
+    out = tempfile.mkdtemp(prefix="gpu_check_")
+    small = ["--steps", "20", "--batch-size", "8", "--seq-len", "128", "--eval-every", "1000",
+             "--eval-batches", "2", "--device", device]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "1"]
+    cmds = {
+        "train": [sys.executable, "-m", "mtp_ext", "train", "--out", f"{out}/one", *small],
+        "torchrun (1 rank)": torchrun + ["-m", "mtp_ext", "train", "--out", f"{out}/ddp", *small],
+        "generate": [sys.executable, "-m", "mtp_ext", "generate", "--checkpoint",
+                     f"{out}/one/checkpoint.pt", "--prompt", "def ", "--max-new-tokens", "32",
+                     "--speculative", "--device", device],
+    }
+    lines = []
+    for name, cmd in cmds.items():
+        print("+", " ".join(cmd), flush=True)
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        tail = [l for l in (r.stdout + r.stderr).strip().splitlines()
+                if l.strip() and not l.startswith(("[#", "[-"))][-3:]  # no progress bars
+        print("\n".join(tail), flush=True)
+        lines.append(f"{name} --device {device}: exit {r.returncode}; " + " / ".join(tail))
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-build", action="store_true")
@@ -89,6 +119,7 @@ def main():
     # every CUDA test, all failures listed (-rfE), none stopping the others
     tests_rc = timer.part("tests", lambda: run(
         [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *CUDA_TESTS]))
+    checks = timer.part("training and decoding", lambda: training_checks("cuda" if gpu else "cpu"))
     from mtp_ext import benchmark as B
     if gpu:
         case = B.Case(n=4, N=16384, D=4096, V=128256, dtype="bf16", device="cuda")
@@ -102,6 +133,7 @@ def main():
     if gpu:
         for name, t, mib in timer.part("other libraries", lambda: optional_paths(case)):
             lines.append(f"| {name} | {t:.3f} | | | {mib:.0f} (incl. inputs) |")
+    lines.extend(checks)
     lines.append("tests: " + ("passed" if tests_rc == 0 else f"FAILED (pytest exit code {tests_rc})"))
     lines.append("time: " + ", ".join(f"{name} {s:.0f} s" for name, s in timer.parts))
     text = "\n".join(lines)

@@ -158,6 +158,9 @@ def _add_train(sub):
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT/checkpoint.pt (without it or --resume, an "
                    "existing checkpoint stops the run)")
+    t.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
+                   help="where the model, batches and evaluation run (auto: CUDA where torch "
+                   "sees a GPU; under torchrun, each rank's LOCAL_RANK GPU, with nccl)")
     t.add_argument("--parallel", default=d.parallel, choices=["ddp", "fsdp"],
                    help="data parallelism when started by torchrun")
     t.add_argument("--d-model", type=int, default=d.d_model, help="hidden size")
@@ -179,13 +182,16 @@ def _add_train(sub):
 def generate(args) -> int:
     from . import tokenizer as tokenizers
     from .generate import chain
+    from .distributed import pick_device
     from .train import calibrate_draft_tree, load_corpus_files, load_model
+    device = pick_device(args.device)
     model, ckpt = load_model(args.checkpoint)
+    model.to(device)
     tok = tokenizers.from_dict(ckpt.get("tokenizer"))
     if tok.vocab_size != model.cfg.vocab_size:
         raise ValueError(f"checkpoint {args.checkpoint!r}: tokenizer of {tok.vocab_size} tokens "
                          f"for a model of vocabulary {model.cfg.vocab_size}")
-    prompt = torch.tensor([tok.encode(args.prompt)])
+    prompt = torch.tensor([tok.encode(args.prompt)], device=device)
     if prompt.numel() == 0:
         raise ValueError("--prompt must not be empty")
     greedy_spec = args.speculative and args.temperature <= 0 and model.cfg.n_future > 1
@@ -200,7 +206,8 @@ def generate(args) -> int:
     def run(speculative, new_tokens):
         return model.generate(prompt, new_tokens, speculative=speculative,
                               stop_token=args.stop_byte, temperature=args.temperature,
-                              top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
+                              top_k=args.top_k,
+                              generator=torch.Generator(device).manual_seed(args.seed))
 
     modes = (True, False) if args.speculative else (False,)
     for mode in modes:  # warm: the first calls pay one-time costs
@@ -245,6 +252,8 @@ def _add_generate(sub):
     g.add_argument("--stop-byte", type=int, default=None,
                    help="stop at this token id (a byte value for byte-level checkpoints)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to decode (auto: CUDA where torch sees a GPU)")
 
 
 def convert_checkpoint(args) -> int:

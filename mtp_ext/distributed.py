@@ -42,19 +42,41 @@ class DistContext:
         return self.world > 1
 
 
-def init_from_env() -> DistContext:
-    """Joins the process group that torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, ...):
-    gloo on the CPU, nccl when CUDA is available. One process without torchrun: no group."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The device a process trains or decodes on: "cuda" (this rank's GPU, LOCAL_RANK under
+    torchrun), "cpu", or "auto" (CUDA where torch sees a GPU, else the CPU). "cuda" without a
+    GPU: ValueError."""
+    if name not in DEVICES:
+        raise ValueError(f"--device must be one of {DEVICES}, got {name!r}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = (f"CUDA {torch.version.cuda} build, no GPU visible" if torch.version.cuda
+                 else "a CPU-only build")
+        raise ValueError(f"--device cuda: torch.cuda.is_available() is False (torch "
+                         f"{torch.__version__}, {build}); use --device cpu or auto")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if local >= torch.cuda.device_count():
+        raise ValueError(f"--device cuda: LOCAL_RANK {local} but {torch.cuda.device_count()} "
+                         f"GPU(s) visible")
+    return torch.device("cuda", local)
+
+
+def init_from_env(device: str = "auto") -> DistContext:
+    """The process's device (pick_device) and, under torchrun (WORLD_SIZE, RANK, MASTER_ADDR,
+    ...), its process group: nccl on CUDA, gloo on the CPU. One process: no group."""
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and not dist.is_initialized():
-        return DistContext()
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return DistContext(device=dev)
     if not dist.is_initialized():
-        init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return DistContext(dist.get_rank(), dist.get_world_size(), device)
+        init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), dev)
 
 
 def init_process_group(backend: str, **kwargs):

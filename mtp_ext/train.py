@@ -205,6 +205,7 @@ class TrainArgs:
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp"
     tokenizer: str = "byte"  # or "bpe": a byte-level BPE of vocab_size trained on the training split
     vocab_size: int = 8192
+    device: str = "auto"  # "cpu", "cuda" (this rank's GPU) or "auto": CUDA where present
 
 
 def lr_at(step: int, a: TrainArgs) -> float:
@@ -262,7 +263,7 @@ def calibrate_draft_tree(model: MTPTransformer, train_data: torch.Tensor,
     if model.cfg.n_future < 2 or L < 8:
         return None
     plen = min(64, L // 4)
-    windows = torch.cat(eval_batches(train_data, prompts, 1, plen))
+    windows = torch.cat(eval_batches(train_data, prompts, 1, plen)).to(model.embed.weight.device)
     return calibrate_tree(model, windows, nodes, new_tokens=min(64, L - plen - 1))
 
 
@@ -287,6 +288,8 @@ def check_args(a: TrainArgs):
     if a.tokenizer == "bpe" and a.vocab_size <= 256:
         raise ValueError(f"--vocab-size must be > 256 (the bytes) for --tokenizer bpe, got "
                          f"{a.vocab_size}")
+    if a.device not in mdist.DEVICES:
+        raise ValueError(f"--device must be one of {mdist.DEVICES}, got {a.device!r}")
     if a.parallel not in mdist.PARALLEL_MODES:
         raise ValueError(f"--parallel must be one of {mdist.PARALLEL_MODES}, got {a.parallel!r}")
 
@@ -296,7 +299,7 @@ def train(a: TrainArgs, log=print) -> dict:
     draws the same global batch and trains on its share with DDP or FSDP; rank 0 logs and
     writes the checkpoint."""
     check_args(a)
-    ctx = mdist.init_from_env()
+    ctx = mdist.init_from_env(a.device)
     try:
         return _train(a, log if ctx.is_main else (lambda *_: None), ctx)
     finally:
@@ -331,7 +334,8 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         cfg = MTPConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.layers,
                         n_heads=a.attn_heads, n_future=a.n_future, max_seq_len=a.seq_len)
         model = MTPTransformer(cfg)  # the same seed on every rank: the same initial weights
-    core = model
+    dev = ctx.device
+    core = model = model.to(dev)
     if ctx.enabled:
         model = mdist.wrap(model, a.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95),
@@ -349,9 +353,11 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         f"{val_data.numel() / 1e6:.2f}M validation tokens")
     log(f"model: {core.num_parameters() / 1e6:.2f}M parameters, {core.cfg.n_layers} trunk "
         f"layers + {n} heads, d_model {core.cfg.d_model}; loss: {a.loss_impl}; "
-        f"{dtype}{' (auto)' if a.dtype == 'auto' else ''}; {torch.get_num_threads()} threads"
+        f"{dtype}{' (auto)' if a.dtype == 'auto' else ''}; "
+        + (f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
+           else f"cpu, {torch.get_num_threads()} threads")
         + (f" x {ctx.world} ranks ({a.parallel}, {dist_backend()})" if ctx.enabled else ""))
-    val = eval_batches(val_data, a.eval_batches, a.batch_size, a.seq_len)
+    val = [b.to(dev) for b in eval_batches(val_data, a.eval_batches, a.batch_size, a.seq_len)]
     history, first_losses = [], None
     progress = Progress(a.steps) if ctx.is_main else None
     t0 = time.perf_counter()
@@ -360,7 +366,7 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
         x = sample_batch(train_data, a.batch_size, a.seq_len, gen)  # the global batch
-        xl = mdist.local_batch(x, ctx)
+        xl = mdist.local_batch(x, ctx).to(dev, non_blocking=True)
         with amp():
             out = model(xl, xl, loss_impl=a.loss_impl).loss
         out.loss.backward()
@@ -399,6 +405,7 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         "first_step": first_losses, "val_losses": val_losses, "val_accuracy": val_acc,
         "history": history, "checkpoint": str(ckpt_path), "rank": ctx.rank,
         "world_size": ctx.world, "parallel": a.parallel if ctx.enabled else None, "dtype": dtype,
+        "device": str(dev),
     }
     log(f"done: {a.steps} steps, {tokens / 1e6:.2f}M tokens in {train_time:.0f} s "
         f"({summary['tokens_per_second'] / 1e3:.1f}k tok/s), peak RSS "

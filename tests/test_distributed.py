@@ -75,7 +75,7 @@ def _train_cmd(out, corpus, steps, extra=()):
     return ["train", "--steps", str(steps), "--batch-size", "4", "--seq-len", "32", "--warmup",
             "2", "--data", str(corpus), "--eval-every", "1000", "--eval-batches", "2",
             "--d-model", "32", "--layers", "1", "--attn-heads", "2", "--n-future", "3",
-            "--dtype", "fp32", "--out", str(out), *extra]
+            "--dtype", "fp32", "--device", "cpu", "--out", str(out), *extra]
 
 
 def _run(args, ranks=None):
@@ -120,7 +120,7 @@ from mtp_ext.model import MTPConfig, MTPTransformer
 torch.set_num_threads(1)
 threads = lambda: len(os.listdir("/proc/self/task"))
 before = threads()
-ctx = mdist.init_from_env()
+ctx = mdist.init_from_env("cpu")
 model = mdist.wrap(MTPTransformer(MTPConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2,
                                             n_future=2, max_seq_len=8)), sys.argv[1])
 x = torch.randint(0, 64, (2, 8))
