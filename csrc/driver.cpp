@@ -39,6 +39,22 @@ struct Pass {
   LossOptions opt;
 };
 
+// The workspace budget: 64 MiB, or with a weight gradient as many rows as the dW product
+// needs to run at its GEMM's rate, kDwChunkRows, within half of one head's [V, D] accumulation
+// (fp32 for 16-bit inputs: the accumulator; else the gradient itself). Each chunk's dW product
+// reads and writes that whole accumulation, and its rows are the product's inner dimension:
+// with 261 rows (bf16 at V = 128256 in 64 MiB) the accumulation's memory traffic, not the
+// GEMM, set the time (docs/design.md, "The chunked algorithm").
+constexpr int64_t kDwChunkRows = 2048;
+
+int64_t workspace_budget(int64_t V, int64_t D, at::ScalarType store, at::ScalarType acc,
+                         bool weight_grad) {
+  if (!weight_grad) return kWorkspaceBudgetBytes;
+  const int64_t half_acc = V * D * int64_t(c10::elementSize(acc)) / 2;
+  const int64_t rows = kDwChunkRows * V * int64_t(c10::elementSize(store));
+  return std::max(kWorkspaceBudgetBytes, std::min(half_acc, rows));
+}
+
 // A chunk's rows share one head's weight and bias: with anything per head (weight or bias),
 // chunks stop at head boundaries.
 bool chunks_stop_at_heads(const Pass& p) {
@@ -165,7 +181,9 @@ Pass make_pass(const DeviceKernels& dev, const at::Tensor& hidden, const at::Ten
   if (bias.has_value() && bias->defined()) p.bias = bias->to(acc).contiguous();
   p.rows_per_head = N;
   p.chunk_rows = rows_per_chunk(chunk_rows, weight.size(-2), hidden.element_size(), n * N,
-                                dev.chunk_row_multiple());
+                                dev.chunk_row_multiple(),
+                                workspace_budget(weight.size(-2), D, hidden.scalar_type(), acc,
+                                                 want_grad && grad_mask[1]));
   p.opt.vocab = weight.size(-2);
   p.opt.ignore_index = ignore_index;
   p.opt.label_smoothing = label_smoothing;
@@ -224,10 +242,10 @@ void DeviceKernels::grad_weight_out(const at::Tensor& g, const at::Tensor& x,
 }
 
 int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows,
-                       int64_t multiple) {
+                       int64_t multiple, int64_t budget_bytes) {
   int64_t c = chunk_rows;
   if (c <= 0) {
-    c = kWorkspaceBudgetBytes / std::max<int64_t>(1, vocab * elem_bytes);
+    c = budget_bytes / std::max<int64_t>(1, vocab * elem_bytes);
     if (multiple > 1 && c >= multiple) c -= c % multiple;
   }
   return std::max<int64_t>(1, std::min(c, std::max<int64_t>(1, total_rows)));

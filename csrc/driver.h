@@ -147,9 +147,10 @@ std::tuple<at::Tensor, at::Tensor> fused_stats(
     const std::optional<at::Tensor>& bias, const at::Tensor& targets, int64_t ignore_index,
     double softcap, int64_t vocab_start, int64_t vocab_total, int64_t chunk_rows);
 
-// Rows per chunk: chunk_rows if > 0, else as many as fit the workspace budget (64 MiB), rounded
-// down to a multiple of `multiple` when the budget holds at least one.
+// Rows per chunk: chunk_rows if > 0, else as many as fit the workspace budget (64 MiB by
+// default; driver.cpp's workspace_budget), rounded down to a multiple of `multiple` when the
+// budget holds at least one.
 int64_t rows_per_chunk(int64_t chunk_rows, int64_t vocab, int64_t elem_bytes, int64_t total_rows,
-                       int64_t multiple = 1);
+                       int64_t multiple = 1, int64_t budget_bytes = int64_t(64) << 20);
 
 }  // namespace mtp

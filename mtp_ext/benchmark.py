@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -57,9 +56,22 @@ def make_inputs(case: Case, seed: int = 0):
     return h, w, labels
 
 
-def make_step(path: str, case: Case) -> Callable[[], None]:
-    """A closure running one step of `path` on fresh leaves of the case's inputs."""
-    h0, w0, labels = make_inputs(case)
+# The unembeddings of LLMs that `mtp-ext bench --preset llm` times: key: (name, D, V).
+LLM_SHAPES = {"qwen2.5-0.5b": ("Qwen2.5 0.5B", 896, 151936),
+              "llama3.2-1b": ("Llama 3.2 1B", 2048, 128256),
+              "gemma2-2b": ("Gemma 2 2B", 2304, 256000),
+              "llama3-8b": ("Llama 3 8B", 4096, 128256)}
+
+
+def flops(case: Case) -> float:
+    """The floor's floating-point operations: per head X W^T, and G W, G^T X with a backward."""
+    return (3 if case.backward else 1) * 2.0 * case.n * case.N * case.V * case.D
+
+
+def make_step(path: str, case: Case, inputs=None) -> Callable[[], None]:
+    """A closure running one step of `path` on fresh leaves of the case's inputs (`inputs`:
+    make_inputs(case), shared by several paths)."""
+    h0, w0, labels = inputs or make_inputs(case)
     if path == "gemm_floor":
         X = h0.reshape(case.n, case.N, case.D)
         G = torch.randn(case.N, case.V).to(h0.device, h0.dtype)
@@ -107,16 +119,17 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
+def time_once(step: Callable[[], None], device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def time_step(step: Callable[[], None], device: str, repeats: int) -> List[float]:
     step()  # warm up (compiles, allocates)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+    return [time_once(step, device) for _ in range(repeats)]
 
 
 # ---- peak memory, in a fresh process ----
@@ -187,16 +200,107 @@ class Row:
     peak_mib: Optional[float]
 
 
-def compare(case: Case, paths=PATHS, repeats: int = 3, memory: bool = True,
+    vs_best: Optional[float] = None  # time / best-layout floor
+    tflops: Optional[float] = None    # the floor's operations per second of this path
+
+
+def _available_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def memory_need(path: str, case: Case) -> int:
+    """A rough upper bound of a path's memory beyond its inputs (bytes): eager PyTorch holds the
+    [n, N, V] logits in the input dtype and fp32 with their gradient; torch.compile about 1.5x
+    the logits in the input dtype (4.5 GiB measured at n = 4, N = 4096, V = 128256, bf16)."""
+    elt = DTYPES[case.dtype].itemsize
+    logits = case.n * case.N * case.V
+    return {"reference": logits * (2 * elt + 8), "compiled": int(logits * elt * 1.5)}.get(path, 0)
+
+
+def fits(path: str, case: Case) -> bool:
+    """Whether the path's memory_need fits in 70% of the memory available now (CPU)."""
+    avail = _available_bytes()
+    return case.device != "cpu" or avail is None or memory_need(path, case) <= 0.7 * avail
+
+
+PRODUCT_LAYOUTS = {
+    # product: {layout: (operands made once, outside the timing) -> the product}
+    "logits X W^T": {
+        "X @ W^T": lambda X, W, G: lambda: torch.mm(X, W.t()),
+        "W @ X^T, X^T contiguous": lambda X, W, G: (lambda Xt: lambda: torch.mm(W, Xt))(
+            X.t().contiguous()),
+        "X @ W^T, W^T contiguous": lambda X, W, G: (lambda Wt: lambda: torch.mm(X, Wt))(
+            W.t().contiguous())},
+    "dX = G W": {
+        "G @ W": lambda X, W, G: lambda: torch.mm(G, W),
+        "W^T @ G^T, both contiguous": lambda X, W, G: (lambda Wt, Gt: lambda: torch.mm(Wt, Gt))(
+            W.t().contiguous(), G.t().contiguous()),
+        "W^T @ G^T, G^T contiguous": lambda X, W, G: (lambda Gt: lambda: torch.mm(W.t(), Gt))(
+            G.t().contiguous())},
+    "dW = G^T X": {
+        "G^T @ X": lambda X, W, G: lambda: torch.mm(G.t(), X),
+        "G^T @ X, G^T contiguous": lambda X, W, G: (lambda Gt: lambda: torch.mm(Gt, X))(
+            G.t().contiguous()),
+        "X^T @ G, transposed out": lambda X, W, G: (lambda Xt: lambda: torch.mm(Xt, G))(
+            X.t().contiguous())},
+}
+
+
+def best_layout_floor(case: Case, repeats: int = 3, inputs=None, log=print):
+    """The GEMM floor with each product in its fastest layout on this machine: per product the
+    median of `repeats` runs of each layout (PRODUCT_LAYOUTS; the contiguous copies made
+    outside the timing), the fastest kept; one head's products times n. Returns (seconds,
+    {product: (fastest layout, seconds per head)})."""
+    h0, w0, _ = inputs or make_inputs(case)
+    X = h0.reshape(case.n, case.N, case.D)[0]
+    W = w0[0] if case.per_head else w0
+    G = torch.randn(case.N, case.V).to(h0.device, h0.dtype)
+    best = {}
+    for product, layouts in PRODUCT_LAYOUTS.items():
+        if not case.backward and product != "logits X W^T":
+            continue
+        for name, make in layouts.items():
+            t = statistics.median(time_step(make(X, W, G), case.device, repeats))
+            log(f"    {product}: {name} {t:.3f} s")
+            if product not in best or t < best[product][1]:
+                best[product] = (name, t)
+    return case.n * sum(t for _, t in best.values()), best
+
+
+def compare(case: Case, paths=PATHS, repeats: int = 3, memory: bool = True, best_floor=False,
             log=print) -> List[Row]:
-    times: Dict[str, List[float]] = {}
-    order = ["gemm_floor"] + [p for p in paths if p != "gemm_floor"] + ["gemm_floor"]
-    for p in order:  # the floor before and after the others, side by side in one run
-        log(f"  timing {p} ...")
+    """Every path's median time over `repeats` rounds, the paths interleaved within each round
+    (after one warm-up step each) on the same inputs; a path whose memory_need does not fit is
+    left out, and one that fails is reported; each against the GEMM floor as written (and the
+    best-layout floor with best_floor), and peak memory per path in a fresh process."""
+    inputs = make_inputs(case)
+    steps, times = {}, {}
+    for p in paths:
+        if not fits(p, case):
+            log(f"  {p} left out: needs ~{memory_need(p, case) / 2**30:.1f} GiB, "
+                f"{(_available_bytes() or 0) / 2**30:.1f} GiB available")
+            continue
+        log(f"  warming {p} ...")
         try:
-            times.setdefault(p, []).extend(time_step(make_step(p, case), case.device, repeats))
+            steps[p] = make_step(p, case, inputs)
+            steps[p]()  # compiles, allocates
         except Exception as e:  # a path that cannot run this case is reported, not fatal
             log(f"  {p} failed: {type(e).__name__}: {e}")
+            steps.pop(p, None)
+    for r in range(repeats):
+        for p, step in steps.items():
+            times.setdefault(p, []).append(time_once(step, case.device))
+        log(f"  round {r + 1}: " + "  ".join(f"{p} {t[-1]:.3f}" for p, t in times.items()))
+    steps.clear()
+    best = None
+    if best_floor:
+        log("  best-layout floor ...")
+        best = best_layout_floor(case, repeats, inputs, log)[0]
+    del inputs
     med = {p: statistics.median(t) for p, t in times.items()}
     floor, ref = med.get("gemm_floor"), med.get("reference")
     rows = []
@@ -209,21 +313,28 @@ def compare(case: Case, paths=PATHS, repeats: int = 3, memory: bool = True,
             b = peak_memory(p, case)
             mib = None if b is None else b / 2**20
         rows.append(Row(p, med[p], med[p] / floor if floor else float("nan"),
-                        ref / med[p] if ref else None, mib))
+                        ref / med[p] if ref else None, mib,
+                        med[p] / best if best else None, flops(case) / med[p] / 1e12))
+    if best:
+        rows.append(Row("best_layout_floor", best, best / floor if floor else float("nan"),
+                        ref / best if ref else None, None, 1.0, flops(case) / best / 1e12))
     return rows
 
 
 def format_table(case: Case, rows: List[Row]) -> str:
     out = [f"{case.label()}",
            "| path | time (s) | time / GEMM floor | speedup vs reference | peak memory (MiB) "
-           "| memory saving vs reference |",
-           "|---|---:|---:|---:|---:|---:|"]
+           "| memory saving vs reference | time / best-layout floor | TFLOP/s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     ref_mib = next((r.peak_mib for r in rows if r.path == "reference"), None)
     for r in rows:
         sp = "" if r.vs_reference is None else f"{r.vs_reference:.2f}x"
         mem = "" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         save = f"{ref_mib / r.peak_mib:.1f}x" if ref_mib and r.peak_mib else ""
-        out.append(f"| {r.path} | {r.seconds:.3f} | {r.vs_floor:.3f} | {sp} | {mem} | {save} |")
+        best = "" if r.vs_best is None else f"{r.vs_best:.3f}"
+        rate = "" if r.tflops is None else f"{r.tflops:.2f}"
+        out.append(f"| {r.path} | {r.seconds:.3f} | {r.vs_floor:.3f} | {sp} | {mem} | {save} "
+                   f"| {best} | {rate} |")
     return "\n".join(out)
 
 
@@ -236,7 +347,7 @@ def format_summary(results) -> str:
            "|---|---:|---|---:|---:|---:|"]
     for case, rows in results:
         fused = next((r for r in rows if r.path == "fused"), None)
-        others = [r for r in rows if r.path not in ("fused", "gemm_floor")]
+        others = [r for r in rows if r.path not in ("fused", "gemm_floor", "best_layout_floor")]
         if fused is None or not others:
             continue
         fast = min(others, key=lambda r: r.seconds)
@@ -266,8 +377,9 @@ def parse_tables(text: str):
         elif case is not None and line.startswith("| ") and words[1] in PATHS:
             cells = [c.strip() for c in line.strip("|").split("|")]
             num = lambda c: float(c.rstrip("x")) if c else None
+            more = [num(c) for c in cells[6:8]] if len(cells) >= 8 else []
             rows.append(Row(cells[0], float(cells[1]), float(cells[2]), num(cells[3]),
-                            num(cells[4])))
+                            num(cells[4]), *more))
     return results
 
 

@@ -48,9 +48,13 @@ def _commit() -> str:
 
 
 BENCH_METHOD = """\
-- time: median of `--repeats` runs after a warm-up run. The GEMM floor (per head: `X W^T`,
-  `G W`, `G^T X` in the input dtype, the products the loss must do) is timed before and after
-  the other paths in the same process; the other paths are divided by it.
+- time: median of `--repeats` rounds after one warm-up step of each path; in each round every
+  path runs once, the paths interleaved, on the same inputs (this machine's speed drifts
+  between minutes). The GEMM floor as written (per head: `X W^T`, `G W`, `G^T X` in the
+  input dtype, the products the loss must do) is one of the paths; the best-layout floor
+  (`--best-floor`, always with `--preset llm`) times each product in each operand layout
+  (`mtp_ext.benchmark.PRODUCT_LAYOUTS`, contiguous copies made outside the timing) and adds
+  the fastest of each. TFLOP/s: the floor's operations over the path's time.
 - peak memory: rise of the peak resident set over one warm step, in a fresh process per path
   (on CUDA: `torch.cuda.max_memory_allocated`), so it includes the gradients that the step
   returns (dH: n x N x D, dW: V x D, in the input dtype).
@@ -87,16 +91,22 @@ def bench(args) -> int:
     print("\n".join(out), flush=True)
     results = []
     rows_for = dict(args.rows_for or [])
-    cases = [B.Case(n=n, N=N, D=D, V=V, dtype=dtype, per_head=args.per_head,
-                    backward=not args.forward_only, device=args.device)
-             for dtype in args.dtype for D in args.hidden for V in args.vocab
+    if args.preset == "llm":  # each LLM's unembedding, not the product of --hidden x --vocab
+        shapes = [B.LLM_SHAPES[k] for k in (args.models or B.LLM_SHAPES)]
+    else:
+        shapes = [(None, D, V) for D in args.hidden for V in args.vocab]
+    cases = [(name, B.Case(n=n, N=N, D=D, V=V, dtype=dtype, per_head=args.per_head,
+                           backward=not args.forward_only, device=args.device))
+             for dtype in args.dtype for name, D, V in shapes
              for N in ([rows_for[V]] if V in rows_for else args.rows) for n in heads]
-    for case in cases:
+    for name, case in cases:
         print(f"{case.label()}:", file=sys.stderr, flush=True)
         rows = B.compare(case, paths=args.paths, repeats=args.repeats, memory=not args.no_memory,
+                         best_floor=args.best_floor,
                          log=lambda s: print(s, file=sys.stderr, flush=True))
         results.append((case, rows))
-        table = B.format_table(case, rows)
+        table = (f"{name} unembedding (D {case.D}, V {case.V})\n" if name else "")
+        table += B.format_table(case, rows)
         print(table + "\n", flush=True)
         out.append(table + "\n")
         if args.out:  # after every case: a long run keeps what it measured
@@ -274,6 +284,9 @@ def _add_convert(sub):
                    "(e.g. pathlib.PosixPath); an allowed name runs on load: trust the file")
 
 
+B_LLM_KEYS = ("qwen2.5-0.5b", "llama3.2-1b", "gemma2-2b", "llama3-8b")  # benchmark.LLM_SHAPES
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="mtp-ext", description=__doc__)
@@ -283,20 +296,31 @@ def main(argv=None) -> int:
     _add_convert(sub)
     b = sub.add_parser("bench", formatter_class=HELP,
                        help="time and peak memory of the loss paths, side by side")
-    b.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="numbers of heads n")
+    b.add_argument("--preset", choices=["llm"], default=None,
+                   help="llm: the unembeddings of Qwen2.5 0.5B, Llama 3.2 1B, Gemma 2 2B and "
+                   "Llama 3 8B instead of --hidden x --vocab, with n 1 and 4, bf16 and fp32 and "
+                   "the best-layout floor unless given")
+    b.add_argument("--models", nargs="+", default=None, choices=B_LLM_KEYS,
+                   help="--preset llm: only these unembeddings")
+    b.add_argument("--heads", type=int, nargs="+", default=None,
+                   help="numbers of heads n (default 1 2 4; --preset llm: 1 4)")
     b.add_argument("--rows", type=int, nargs="+", default=[4096],
                    help="rows per head N (batch x sequence)")
     b.add_argument("--hidden", type=int, nargs="+", default=[1024], help="hidden sizes D")
     b.add_argument("--vocab", type=int, nargs="+", default=[32768], help="vocabulary sizes V")
     b.add_argument("--rows-for", type=_vocab_rows, nargs="+", metavar="V:N",
                    help="rows per head for a vocabulary instead of --rows, e.g. 128256:1024")
-    b.add_argument("--dtype", nargs="+", default=["fp32", "bf16"],
-                   choices=["fp32", "bf16", "fp16"], help="input dtypes")
+    b.add_argument("--dtype", nargs="+", default=None,
+                   choices=["fp32", "bf16", "fp16"],
+                   help="input dtypes (default fp32 bf16; --preset llm: bf16 fp32)")
     b.add_argument("--paths", nargs="+", default=None,
                    help="(None: all) subset of: fused reference compiled torch_chunked gemm_floor")
     b.add_argument("--per-head", action="store_true", help="one unembedding per head")
     b.add_argument("--forward-only", action="store_true", help="time the forward alone")
-    b.add_argument("--repeats", type=int, default=3, help="timed steps per path (median)")
+    b.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds, each path once per round (median)")
+    b.add_argument("--best-floor", action="store_true",
+                   help="also time each product in each operand layout: the best-layout floor")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     b.add_argument("--out", help="also write the tables to this markdown file")
@@ -306,6 +330,9 @@ def main(argv=None) -> int:
                    help="measure nothing: draw --plot from tables saved with --out")
     args = ap.parse_args(argv)
     args.argv = argv
+    if args.cmd == "bench":
+        args.dtype_default = args.dtype is None
+        args.dtype = args.dtype or ["fp32", "bf16"]
     commands = {"train": train, "generate": generate, "convert-checkpoint": convert_checkpoint}
     if args.cmd in commands:
         try:
@@ -321,6 +348,14 @@ def main(argv=None) -> int:
             ap.error(f"unknown path(s) {bad}; choose from {B.PATHS}")
         if args.replot and not args.plot:
             ap.error("--replot needs --plot FILE.png")
+        if args.models and args.preset != "llm":
+            ap.error("--models needs --preset llm")
+        if args.preset == "llm":
+            args.heads = args.heads or [1, 4]
+            args.best_floor = True
+            if args.dtype_default:
+                args.dtype = ["bf16", "fp32"]
+        args.heads = args.heads or [1, 2, 4]
         if min(args.heads + args.rows + args.hidden + args.vocab) < 1:
             ap.error("--heads, --rows, --hidden and --vocab must be positive")
         return bench(args)

@@ -10,7 +10,8 @@ def _results():
     for n in (1, 2):
         for V in (100, 200):
             case = B.Case(n=n, N=8, D=4, V=V, dtype="bf16", per_head=n == 2, backward=V == 100)
-            rows = [B.Row(p, 0.5 * n + V / 1000 + i, 1.0 + i / 10, 2.0 / (i + 1), 10.0 * (i + n))
+            rows = [B.Row(p, 0.5 * n + V / 1000 + i, 1.0 + i / 10, 2.0 / (i + 1), 10.0 * (i + n),
+                          1.1 + i / 10, 0.5 + i)
                     for i, p in enumerate(B.PATHS)]
             rows[-1].peak_mib = None  # the floor has no memory column
             out.append((case, rows))
@@ -27,6 +28,8 @@ def test_tables_round_trip():
         for a, b in zip(got, want):
             assert a.seconds == pytest.approx(b.seconds, abs=1e-3)
             assert a.vs_floor == pytest.approx(b.vs_floor, abs=1e-3)
+            assert a.vs_best == pytest.approx(b.vs_best, abs=1e-3)
+            assert a.tflops == pytest.approx(b.tflops, abs=1e-2)
             assert (a.peak_mib is None) == (b.peak_mib is None)
             if b.peak_mib is not None:
                 assert a.peak_mib == pytest.approx(b.peak_mib, abs=0.5)
@@ -61,3 +64,63 @@ def test_rows_for_flag():
     for bad in ("128256", "a:b", "0:5"):
         with pytest.raises(Exception, match=bad):
             _vocab_rows(bad)
+
+
+def test_compare_interleaves_paths_and_reports_the_best_layout_floor(monkeypatch):
+    case = B.Case(n=2, N=64, D=32, V=500, dtype="fp32")
+    calls = []
+    make_step = B.make_step
+
+    def spy(path, case, inputs=None):
+        step = make_step(path, case, inputs)
+        return lambda: (calls.append(path), step())[1]
+
+    monkeypatch.setattr(B, "make_step", spy)
+    rows = B.compare(case, paths=("fused", "reference", "gemm_floor"), repeats=3,
+                     memory=False, best_floor=True, log=lambda *_: None)
+    # one warm-up each, then three rounds of every path in turn
+    assert calls == ["fused", "reference", "gemm_floor"] * 4, calls
+    by = {r.path: r for r in rows}
+    assert set(by) == {"fused", "reference", "gemm_floor", "best_layout_floor"}
+    best = by["best_layout_floor"].seconds
+    for r in rows:
+        assert r.vs_best == pytest.approx(r.seconds / best)
+        assert r.tflops == pytest.approx(3 * 2 * 2 * 64 * 500 * 32 / r.seconds / 1e12)
+    assert "best_layout_floor" in B.format_table(case, rows)
+
+
+def test_best_layout_floor_times_every_layout_of_every_product():
+    case = B.Case(n=3, N=16, D=8, V=40, dtype="bf16")
+    seen = []
+    total, best = B.best_layout_floor(case, repeats=1, log=seen.append)
+    assert set(best) == set(B.PRODUCT_LAYOUTS)
+    assert len(seen) == sum(len(v) for v in B.PRODUCT_LAYOUTS.values())
+    assert total == pytest.approx(3 * sum(t for _, t in best.values()))
+    for product, (layout, _) in best.items():
+        assert layout in B.PRODUCT_LAYOUTS[product]
+
+
+def test_paths_that_do_not_fit_in_memory_are_left_out(monkeypatch):
+    case = B.Case(n=1, N=64, D=16, V=1000, dtype="fp32")
+    need = B.memory_need("reference", case)
+    monkeypatch.setattr(B, "_available_bytes", lambda: int(need / 0.7) - 1)
+    logs = []
+    rows = B.compare(case, paths=("fused", "reference"), repeats=1, memory=False, log=logs.append)
+    assert [r.path for r in rows] == ["fused"]
+    assert any("reference left out" in l for l in logs), logs
+
+
+def test_llm_preset_runs_each_unembedding(monkeypatch, capsys):
+    from mtp_ext.cli import main
+    from mtp_ext.cli import B_LLM_KEYS
+    assert set(B_LLM_KEYS) == set(B.LLM_SHAPES)
+    monkeypatch.setattr(B, "LLM_SHAPES", {"a": ("Tiny A", 16, 300), "b": ("Tiny B", 24, 200)})
+    assert main(["bench", "--preset", "llm", "--rows", "32", "--repeats", "1", "--no-memory",
+                 "--paths", "fused", "gemm_floor"]) == 0
+    out = capsys.readouterr().out
+    for name, D, V in B.LLM_SHAPES.values():
+        for n in (1, 4):
+            for dt in ("bf16", "fp32"):
+                assert f"n={n} N=32 D={D} V={V} {dt} shared fwd+bwd" in out
+        assert f"{name} unembedding (D {D}, V {V})" in out
+    assert out.count("| best_layout_floor |") == 8

@@ -11,7 +11,7 @@ import mtp_ext
 from mtp_ext import benchmark as B
 from mtp_ext import reference
 
-from conftest import as64, loss_and_grads, make_inputs, norm_err
+from conftest import as64, loss_and_grads, make_inputs, needs_cuda, norm_err, on
 
 MiB = 1 << 20
 BUDGET = 64 * MiB
@@ -72,3 +72,56 @@ def test_16bit_weight_gradient_in_one_chunk_where_it_costs_no_memory():
     assert norm_err(got, want) <= 2 * norm_err(own, want) + 1e-6
     for g, o, r in zip(got_g[:2], own_g[:2], want_g[:2]):  # dH, dW
         assert norm_err(g, r) <= 2 * norm_err(o, r) + 1e-6
+
+
+def logits_rows(h, w, y):
+    """The rows of each logits product of one fused forward+backward (torch.profiler shapes),
+    and the loss and gradients in float64."""
+    with profile(record_shapes=True) as prof:
+        loss, grads = loss_and_grads(mtp_ext.linear_cross_entropy, (h, w, y))
+    D, V = w.shape[1], w.shape[0]
+    rows = []
+    for e in prof.events():
+        s = [list(x) for x in e.input_shapes]
+        if e.name != "aten::mm" or len(s) < 2:
+            continue
+        if s[1] == [D, V]:                   # z = x w^T (row-major logits)
+            rows.append(s[0][0])
+        elif w.dtype == torch.float32 and s[0] == [V, D] and s[1][:1] == [D]:
+            rows.append(s[1][1])             # z^T = w x^T (vocabulary-major, fp32 only)
+    return rows, loss, grads
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunks_see_enough_rows_for_the_weight_gradient(dtype, device):
+    """Where a quarter of the [V, D] fp32 accumulation exceeds 64 MiB, the workspace takes as
+    many rows as half of it holds (at most 2048): each chunk's dW product then has that many
+    rows, not the 64 MiB workspace's (docs/design.md, "The chunked algorithm"). V = 70000:
+    half the accumulation is 68.4 MiB (V x D x 4 / 2), 512 bf16 or 256 fp32 rows of logits,
+    where 64 MiB holds 479 and 239. The loss and gradients against float64 as everywhere."""
+    N, Dh, Vw = 1800, 512, 70000
+    h, w, _, y = on(device, *make_inputs(N, Dh, Vw, dtype, seed=5))
+    elt = 2 if dtype == torch.bfloat16 else 4
+    want_rows = Vw * Dh * 4 // 2 // (Vw * elt)  # 512 and 256: multiples of CUDA's 128 too
+    small = BUDGET // (Vw * elt)
+    small -= small % (128 if device == "cuda" else 1)
+    assert want_rows > small
+    rows, got, got_g = logits_rows(h, w, y)
+    assert rows == [want_rows] * (N // want_rows) + [N % want_rows], rows
+    # forward only (no weight gradient): the 64 MiB workspace
+    with torch.no_grad(), profile(record_shapes=True) as prof:
+        mtp_ext.linear_cross_entropy(h, w, y)
+    fwd = [e for e in prof.events() if e.name == "aten::mm"]
+    assert len(fwd) == -(-N // small), len(fwd)
+    h, w, y = h.cpu(), w.cpu(), y.cpu()
+    want, want_g = loss_and_grads(reference.linear_cross_entropy, (as64(h), as64(w), y))
+    if dtype == torch.float32:
+        assert norm_err(got, want) < 1e-5
+        for g, r in zip(got_g[:2], want_g[:2]):
+            assert norm_err(g, r) < 1e-5
+    else:
+        own, own_g = loss_and_grads(reference.linear_cross_entropy, (h, w, y))
+        assert norm_err(got, want) <= 2 * norm_err(own, want) + 1e-6
+        for g, o, r in zip(got_g[:2], own_g[:2], want_g[:2]):
+            assert norm_err(g, r) <= 2 * norm_err(o, r) + 1e-6
