@@ -17,7 +17,7 @@ import torch
 from mtp_ext.generate import DRAFT_TREE_NODES, DraftTree, chain
 from mtp_ext import tokenizer as tokenizers
 from mtp_ext.benchmark import time_step
-from mtp_ext.distributed import pick_device
+from mtp_ext.distributed import DEVICES, pick_device
 from mtp_ext.train import calibrate_draft_tree, eval_batches, load_corpus_files, load_model
 
 
@@ -74,7 +74,7 @@ def main(argv=None):
     ap.add_argument("--tree-nodes", type=int, default=None,
                     help="calibrate a tree of this many candidates on the training split "
                     f"(default: the checkpoint's tree, else {DRAFT_TREE_NODES})")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--device", default="auto", choices=DEVICES)
     a = ap.parse_args(argv)
     try:
         device = pick_device(a.device)

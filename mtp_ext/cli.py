@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from .distributed import DEVICES
+
 HELP = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
 
 
@@ -168,7 +170,7 @@ def _add_train(sub):
     t.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUT/checkpoint.pt (without it or --resume, an "
                    "existing checkpoint stops the run)")
-    t.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"],
+    t.add_argument("--device", default=d.device, choices=DEVICES,
                    help="where the model, batches and evaluation run (auto: CUDA where torch "
                    "sees a GPU; under torchrun, each rank's LOCAL_RANK GPU, with nccl)")
     t.add_argument("--parallel", default=d.parallel, choices=["ddp", "fsdp"],
@@ -262,7 +264,7 @@ def _add_generate(sub):
     g.add_argument("--stop-byte", type=int, default=None,
                    help="stop at this token id (a byte value for byte-level checkpoints)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    g.add_argument("--device", default="auto", choices=DEVICES,
                    help="where to decode (auto: CUDA where torch sees a GPU)")
 
 
@@ -284,10 +286,8 @@ def _add_convert(sub):
                    "(e.g. pathlib.PosixPath); an allowed name runs on load: trust the file")
 
 
-B_LLM_KEYS = ("qwen2.5-0.5b", "llama3.2-1b", "gemma2-2b", "llama3-8b")  # benchmark.LLM_SHAPES
-
-
 def main(argv=None) -> int:
+    from .benchmark import LLM_SHAPES
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="mtp-ext", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
                    help="llm: the unembeddings of Qwen2.5 0.5B, Llama 3.2 1B, Gemma 2 2B and "
                    "Llama 3 8B instead of --hidden x --vocab, with n 1 and 4, bf16 and fp32 and "
                    "the best-layout floor unless given")
-    b.add_argument("--models", nargs="+", default=None, choices=B_LLM_KEYS,
+    b.add_argument("--models", nargs="+", default=None, choices=list(LLM_SHAPES),
                    help="--preset llm: only these unembeddings")
     b.add_argument("--heads", type=int, nargs="+", default=None,
                    help="numbers of heads n (default 1 2 4; --preset llm: 1 4)")
@@ -330,9 +330,6 @@ def main(argv=None) -> int:
                    help="measure nothing: draw --plot from tables saved with --out")
     args = ap.parse_args(argv)
     args.argv = argv
-    if args.cmd == "bench":
-        args.dtype_default = args.dtype is None
-        args.dtype = args.dtype or ["fp32", "bf16"]
     commands = {"train": train, "generate": generate, "convert-checkpoint": convert_checkpoint}
     if args.cmd in commands:
         try:
@@ -350,12 +347,10 @@ def main(argv=None) -> int:
             ap.error("--replot needs --plot FILE.png")
         if args.models and args.preset != "llm":
             ap.error("--models needs --preset llm")
-        if args.preset == "llm":
-            args.heads = args.heads or [1, 4]
-            args.best_floor = True
-            if args.dtype_default:
-                args.dtype = ["bf16", "fp32"]
-        args.heads = args.heads or [1, 2, 4]
+        llm = args.preset == "llm"
+        args.best_floor = args.best_floor or llm
+        args.heads = args.heads or ([1, 4] if llm else [1, 2, 4])
+        args.dtype = args.dtype or (["bf16", "fp32"] if llm else ["fp32", "bf16"])
         if min(args.heads + args.rows + args.hidden + args.vocab) < 1:
             ap.error("--heads, --rows, --hidden and --vocab must be positive")
         return bench(args)

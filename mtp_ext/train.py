@@ -49,11 +49,13 @@ MAX_FILE_BYTES = 1 << 30  # a --data file is read whole into memory
 
 
 def _check_data_file(p: Path, root: Path):
-    if p.is_symlink() and not p.resolve().is_relative_to(root.resolve()):
-        raise ValueError(f"{p} links to {p.resolve()}, outside the data folder {root}: copy "
+    target = p.resolve()
+    if p.is_symlink() and not target.is_relative_to(root.resolve()):
+        raise ValueError(f"{p} links to {target}, outside the data folder {root}: copy "
                          f"the file into the folder to train on it")
-    if p.stat().st_size > MAX_FILE_BYTES:
-        raise ValueError(f"{p}: {p.stat().st_size / 2**30:.1f} GiB, over the "
+    size = p.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{p}: {size / 2**30:.1f} GiB, over the "
                          f"{MAX_FILE_BYTES >> 30} GiB a data file may have (each is read "
                          f"whole into memory): split it into smaller files")
 
@@ -288,8 +290,6 @@ def check_args(a: TrainArgs):
     if a.tokenizer == "bpe" and a.vocab_size <= 256:
         raise ValueError(f"--vocab-size must be > 256 (the bytes) for --tokenizer bpe, got "
                          f"{a.vocab_size}")
-    if a.device not in mdist.DEVICES:
-        raise ValueError(f"--device must be one of {mdist.DEVICES}, got {a.device!r}")
     if a.parallel not in mdist.PARALLEL_MODES:
         raise ValueError(f"--parallel must be one of {mdist.PARALLEL_MODES}, got {a.parallel!r}")
 

@@ -112,8 +112,6 @@ def test_paths_that_do_not_fit_in_memory_are_left_out(monkeypatch):
 
 def test_llm_preset_runs_each_unembedding(monkeypatch, capsys):
     from mtp_ext.cli import main
-    from mtp_ext.cli import B_LLM_KEYS
-    assert set(B_LLM_KEYS) == set(B.LLM_SHAPES)
     monkeypatch.setattr(B, "LLM_SHAPES", {"a": ("Tiny A", 16, 300), "b": ("Tiny B", 24, 200)})
     assert main(["bench", "--preset", "llm", "--rows", "32", "--repeats", "1", "--no-memory",
                  "--paths", "fused", "gemm_floor"]) == 0
