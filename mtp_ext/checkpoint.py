@@ -11,12 +11,14 @@ import dataclasses
 import importlib
 import os
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Iterable, List, Tuple
 
 import torch
 
-KEYS = ("model", "config", "optimizer", "step", "args", "data_rng", "draft_tree", "tokenizer")
+KEYS = ("model", "config", "optimizer", "step", "args", "data_rng", "draft_tree", "tokenizer",
+        "progress")
 _CODE_MODULES = {"os", "posix", "nt", "subprocess", "builtins", "sys", "shutil", "runpy",
                  "importlib", "pty", "socket", "webbrowser", "code", "pickle", "marshal"}
 _PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
@@ -59,12 +61,23 @@ def read_checkpoint(path, allowed: Iterable = ()) -> dict:
                                     f"once: mtp-ext convert-checkpoint {path} NEW.pt --allow "
                                     f"{' '.join(refused)}")
     except Exception as e:  # not a torch file, truncated, ...
+        if _truncated(path):
+            raise ValueError(f"checkpoint {path!r} is truncated ({os.path.getsize(path)} bytes, "
+                             f"the end of the file missing: a copy or write that did not "
+                             f"finish)") from None
         raise ValueError(f"{path!r} is not a checkpoint written by `mtp-ext train` "
                          f"({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
         raise ValueError(f"{path!r} is not a checkpoint written by `mtp-ext train` (a "
                          f"{type(ckpt).__name__} without 'model' and 'config')")
     return ckpt
+
+
+def _truncated(path: str) -> bool:
+    """A file that starts as torch.save's zip archive but lacks the archive's end."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
 def write_checkpoint(path: Path, ckpt: dict) -> None:

@@ -159,17 +159,26 @@ def _add_train(sub):
     t.add_argument("--seed", type=int, default=d.seed, help="weights and batch sampling")
     t.add_argument("--data", default=None,
                    help="a folder of text files (None: the Python standard library's sources)")
-    t.add_argument("--out", default=d.out, help="output folder: checkpoint.pt, summary.json")
+    t.add_argument("--out", default=d.out,
+                   help="output folder: checkpoint.pt, checkpoints/, summary.json")
     t.add_argument("--loss-impl", default=d.loss_impl, choices=["fused", "reference"],
                    help="the fused ops or the plain PyTorch loss")
     t.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="steps between validation losses")
     t.add_argument("--eval-batches", type=int, default=d.eval_batches,
                    help="validation batches per evaluation")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT's newest readable checkpoint (OUT/checkpoints/, else "
+                   "OUT/checkpoint.pt), exactly where it stopped; none there: from step 0")
     t.add_argument("--overwrite", action="store_true",
-                   help="replace an existing OUT/checkpoint.pt (without it or --resume, an "
+                   help="remove OUT's checkpoints and start again (without it or --resume, an "
                    "existing checkpoint stops the run)")
+    t.add_argument("--save-every", default=d.save_every, metavar="N|Mmin",
+                   help="a checkpoint in OUT/checkpoints/ every N steps (e.g. 200) or M minutes "
+                   "(e.g. 5min), besides the last step's (OUT/checkpoint.pt); 0: only the last. "
+                   "SIGTERM or Ctrl-C: the step ends, a checkpoint is written, exit 0")
+    t.add_argument("--keep", type=int, default=d.keep,
+                   help="the newest K checkpoints of OUT/checkpoints/ are kept")
     t.add_argument("--device", default=d.device, choices=DEVICES,
                    help="where the model, batches and evaluation run (auto: CUDA where torch "
                    "sees a GPU; under torchrun, each rank's LOCAL_RANK GPU, with nccl)")

@@ -20,11 +20,13 @@ import torch
 
 from . import distributed as mdist
 from . import tokenizer as tokenizers
+from . import run_dir
 from .checkpoint import read_checkpoint, write_checkpoint
 from .generate import DRAFT_TREE_NODES, calibrate_tree
 from .model import LOSS_IMPLS, MTPConfig, MTPTransformer
+from .stop_signal import StopRequest
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = run_dir.FINAL
 DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -208,6 +210,32 @@ class TrainArgs:
     tokenizer: str = "byte"  # or "bpe": a byte-level BPE of vocab_size trained on the training split
     vocab_size: int = 8192
     device: str = "auto"  # "cpu", "cuda" (this rank's GPU) or "auto": CUDA where present
+    # a checkpoint every N steps ("200"), every M minutes of training ("5min"), or never ("0"),
+    # besides the last step's; the newest `keep` of them are kept (mtp_ext.run_dir)
+    save_every: str = "5min"
+    keep: int = 2
+
+
+# What a resumed run must share with the checkpoint's run: the model, the data and the batches.
+# The rest (steps, learning rate, evaluation, device, dtype, threads, ...) may change on resume.
+RESUME_MUST_MATCH = ("d_model", "layers", "attn_heads", "n_future", "seq_len", "batch_size",
+                     "seed", "data", "tokenizer", "vocab_size")
+
+
+def parse_save_every(text: str) -> Tuple[str, float]:
+    """--save-every: ("steps", N), ("minutes", M) or ("never", 0)."""
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("min"):
+            value, unit = float(t[:-3]), "minutes"
+        else:
+            value, unit = int(t), "steps"
+    except ValueError:
+        value = -1
+    if not value >= 0:
+        raise ValueError(f"--save-every must be a number of steps (e.g. 200), of minutes (e.g. "
+                         f"5min) or 0 (only the last step), got {text!r}")
+    return ("never", 0) if value == 0 else (unit, value)
 
 
 def lr_at(step: int, a: TrainArgs) -> float:
@@ -222,19 +250,28 @@ def _state_options():
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: torch.Generator,
-                    ctx: mdist.DistContext = mdist.DistContext(), draft_tree=None,
-                    tokenizer=None):
-    """Whole model and optimizer state, gathered from every rank (a collective under FSDP) and
-    written by rank 0. The same format with or without torchrun: either can resume the other."""
+def checkpoint_state(model, opt, step: int, args: TrainArgs, gen: torch.Generator,
+                     ctx: mdist.DistContext = mdist.DistContext(), draft_tree=None,
+                     tokenizer=None, progress=None) -> Optional[dict]:
+    """Everything an exact resume needs: the whole model and optimizer state, gathered from
+    every rank (a collective under FSDP), the step (which gives the learning rate, lr_at), the
+    batch sampler's RNG, the tokenizer and the settings; on rank 0 (None elsewhere). The same
+    format with or without torchrun: either can resume the other."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
     model_state, opt_state = get_state_dict(model, opt, options=_state_options())
     if not ctx.is_main:
-        return
-    write_checkpoint(path, {"model": model_state, "config": mdist.unwrap(model).cfg.to_dict(),
-                            "optimizer": opt_state, "step": step, "args": vars(args),
-                            "data_rng": gen.get_state(), "draft_tree": draft_tree,
-                            "tokenizer": tokenizer})
+        return None
+    return {"model": model_state, "config": mdist.unwrap(model).cfg.to_dict(),
+            "optimizer": opt_state, "step": step, "args": vars(args), "data_rng": gen.get_state(),
+            "draft_tree": draft_tree, "tokenizer": tokenizer, "progress": progress}
+
+
+def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: torch.Generator,
+                    ctx: mdist.DistContext = mdist.DistContext(), **extra):
+    """checkpoint_state written to path by rank 0 (a collective: every rank calls it)."""
+    ckpt = checkpoint_state(model, opt, step, args, gen, ctx, **extra)
+    if ckpt is not None:
+        write_checkpoint(path, ckpt)
 
 
 def load_model(path: str, ckpt: Optional[dict] = None) -> Tuple[MTPTransformer, dict]:
@@ -292,6 +329,22 @@ def check_args(a: TrainArgs):
                          f"{a.vocab_size}")
     if a.parallel not in mdist.PARALLEL_MODES:
         raise ValueError(f"--parallel must be one of {mdist.PARALLEL_MODES}, got {a.parallel!r}")
+    parse_save_every(a.save_every)
+    if a.keep < 1:
+        raise ValueError(f"--keep must be at least 1, got {a.keep}")
+
+
+def check_resume(path: Path, ckpt: dict, a: TrainArgs):
+    """ValueError naming the file and every setting in RESUME_MUST_MATCH that differs."""
+    saved = ckpt.get("args")
+    if not isinstance(saved, dict):
+        return  # written by other code (e.g. convert-checkpoint of a bare model): config checks
+    diff = [f"--{k.replace('_', '-')} {saved[k]!r} there, {getattr(a, k)!r} here"
+            for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(a, k)]
+    if diff:
+        raise ValueError(f"--resume: {path} is from another configuration ({'; '.join(diff)}): "
+                         f"pass the same settings to continue it, or another --out for a new "
+                         f"run")
 
 
 def train(a: TrainArgs, log=print) -> dict:
@@ -306,30 +359,53 @@ def train(a: TrainArgs, log=print) -> dict:
         mdist.shutdown(ctx)
 
 
+def _open_run(a: TrainArgs, ctx: mdist.DistContext, log) -> Optional[Tuple[Path, dict]]:
+    """OUT's checkpoint to resume from (run_dir.newest, checked against the settings), None for
+    a new run. Without --resume or --overwrite, existing checkpoints stop the run; --overwrite
+    removes them (rank 0)."""
+    out = Path(a.out)
+    if a.resume:
+        if ctx.is_main:
+            run_dir.remove_partial(out)
+        found = run_dir.newest(out, log)
+        if found is None:
+            log(f"--resume: no checkpoint in {out}, starting at step 0")
+        else:
+            check_resume(*found, a)
+            if found[1].get("step", 0) > a.steps:
+                raise ValueError(f"--resume: {found[0]} is at step {found[1]['step']}, past "
+                                 f"--steps {a.steps}: pass --steps {found[1]['step']} or more")
+        return found
+    if run_dir.existing(out):
+        if not a.overwrite:
+            raise ValueError(f"{run_dir.existing(out)[0]} exists: pass --resume to continue that "
+                             f"run or --overwrite to replace it")
+        if ctx.is_main:
+            run_dir.clear(out)
+    return None
+
+
 def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     if a.batch_size % ctx.world:
         raise ValueError(f"--batch-size {a.batch_size} must be divisible by the {ctx.world} ranks")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    ckpt_path = Path(a.out) / CHECKPOINT
-    if ckpt_path.exists() and not (a.resume or a.overwrite):
-        raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run or "
-                         f"--overwrite to replace it")
+    out = Path(a.out)
+    found = _open_run(a, ctx, log)
     train_files, val_files, what = load_corpus_files(a.data)
-    if a.resume:
-        ckpt = read_checkpoint(ckpt_path)
-        tok = tokenizers.from_dict(ckpt.get("tokenizer"))
+    if found:
+        tok = tokenizers.from_dict(found[1].get("tokenizer"))
     else:
-        tok = tokenizers.for_training(a.tokenizer, a.vocab_size, train_files, Path(a.out), log)
+        tok = tokenizers.for_training(a.tokenizer, a.vocab_size, train_files, out, log)
     train_data, val_data = tok.encode_corpus(train_files), tok.encode_corpus(val_files)
     if min(train_data.numel(), val_data.numel()) <= a.seq_len + 1:
         raise ValueError(f"corpus too small for --seq-len {a.seq_len}: {train_data.numel()} "
                          f"train and {val_data.numel()} validation tokens")
     gen = torch.Generator().manual_seed(a.seed)
-    start = 0
-    if a.resume:
-        model, ckpt = load_model(str(ckpt_path), ckpt)
+    start, done_before = 0, {}
+    if found:
+        model, ckpt = load_model(str(found[0]), found[1])
     else:
         cfg = MTPConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.layers,
                         n_heads=a.attn_heads, n_future=a.n_future, max_seq_len=a.seq_len)
@@ -340,15 +416,16 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         model = mdist.wrap(model, a.parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95),
                             weight_decay=a.weight_decay)
-    if a.resume:
+    if found:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=_state_options())
         gen.set_state(ckpt["data_rng"])
-        start = ckpt["step"]
-        log(f"resumed from {ckpt_path} at step {start}")
+        start, done_before = ckpt["step"], dict(ckpt.get("progress") or {})
+        log(f"resumed from {found[0]} at step {start}")
     dtype = a.dtype if a.dtype != "auto" else ("bf16" if native_bf16(ctx.device) else "fp32")
     amp = lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     n = core.cfg.n_future
+    save_kind, save_every = parse_save_every(a.save_every)
     log(f"data: {what}; {tokenizers.describe(tok)}: {train_data.numel() / 1e6:.2f}M train, "
         f"{val_data.numel() / 1e6:.2f}M validation tokens")
     log(f"model: {core.num_parameters() / 1e6:.2f}M parameters, {core.cfg.n_layers} trunk "
@@ -358,49 +435,88 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
            else f"cpu, {torch.get_num_threads()} threads")
         + (f" x {ctx.world} ranks ({a.parallel}, {dist_backend()})" if ctx.enabled else ""))
     val = [b.to(dev) for b in eval_batches(val_data, a.eval_batches, a.batch_size, a.seq_len)]
-    history, first_losses = [], None
+    history, first_losses = list(done_before.get("history", [])), done_before.get("first_step")
+    tokens_before, seconds_before = done_before.get("tokens", 0), done_before.get("train_seconds", 0.0)
+    saves = []  # seconds per checkpoint written by this process
     progress = Progress(a.steps) if ctx.is_main else None
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
     tokens = 0
-    for step in range(start, a.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, a)
-        x = sample_batch(train_data, a.batch_size, a.seq_len, gen)  # the global batch
-        xl = mdist.local_batch(x, ctx).to(dev, non_blocking=True)
-        with amp():
-            out = model(xl, xl, loss_impl=a.loss_impl).loss
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens += x.numel()
-        heads = mdist.mean_over_ranks(out.head_losses, ctx).tolist()
-        if first_losses is None:
-            loss_value = mdist.mean_over_ranks(out.loss, ctx).item()  # once: a collective
-            first_losses = {"step": step + 1, "loss": loss_value, "head_losses": heads}
-        rate = tokens / (time.perf_counter() - t0)
+
+    def save(step: int, tree=None) -> Path:
+        nonlocal last_save
+        t = time.perf_counter()
+        state = {"tokens": tokens_before + tokens, "history": history, "first_step": first_losses,
+                 "train_seconds": seconds_before + t - t0}
+        ckpt = checkpoint_state(model, opt, step, a, gen, ctx, draft_tree=tree,
+                                tokenizer=tok.to_dict(), progress=state)
+        if ckpt is not None:
+            run_dir.save_step(out, step, ckpt, a.keep)
+        last_save = time.perf_counter()
+        saves.append(last_save - t)
+        return run_dir.step_path(out, step)
+
+    with StopRequest() as stop:
+        for step in range(start, a.steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, a)
+            x = sample_batch(train_data, a.batch_size, a.seq_len, gen)  # the global batch
+            xl = mdist.local_batch(x, ctx).to(dev, non_blocking=True)
+            with amp():
+                out_ = model(xl, xl, loss_impl=a.loss_impl).loss
+            out_.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += x.numel()
+            due = (save_kind == "steps" and (step + 1) % save_every == 0) or (
+                save_kind == "minutes" and ctx.is_main
+                and time.perf_counter() - last_save >= 60 * save_every)
+            # the step's losses and every rank's stop request and save decision: one collective
+            flags = torch.tensor([float(stop.requested), float(due)], device=dev)
+            synced = mdist.mean_over_ranks(torch.cat([out_.head_losses.detach().double(),
+                                                      flags.double()]), ctx)
+            heads, stop_now, save_now = synced[:n].tolist(), synced[n] > 0, synced[n + 1] > 0
+            if first_losses is None:
+                loss_value = mdist.mean_over_ranks(out_.loss, ctx).item()  # once: a collective
+                first_losses = {"step": step + 1, "loss": loss_value, "head_losses": heads}
+            rate = tokens / (time.perf_counter() - t0)
+            if progress:
+                progress.update(step + 1, f"| {rate / 1e3:.1f}k tok/s | loss "
+                                + " ".join(f"h{k}:{v:.3f}" for k, v in enumerate(heads)))
+            if (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
+                vl, _ = evaluate(model, val, a.loss_impl, amp)
+                history.append({"step": step + 1, "val_losses": vl})
+            if step + 1 == a.steps:
+                break  # the last step's checkpoint comes below, with the draft tree
+            if stop_now:
+                path = save(step + 1)
+                if progress:
+                    progress.close()
+                log(f"stopped by {stop.signal_name or 'another rank'} after step {step + 1}: "
+                    f"checkpoint {path} ({saves[-1]:.2f} s); --resume continues the run")
+                return {"steps": step + 1, "stopped_by": stop.signal_name or "another rank",
+                        "checkpoint": str(path), "tokens": tokens_before + tokens,
+                        "checkpoint_seconds": saves, "rank": ctx.rank, "world_size": ctx.world}
+            if save_now:
+                save(step + 1)
         if progress:
-            progress.update(step + 1, f"| {rate / 1e3:.1f}k tok/s | loss "
-                            + " ".join(f"h{k}:{v:.3f}" for k, v in enumerate(heads)))
-        if (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
-            vl, _ = evaluate(model, val, a.loss_impl, amp)
-            history.append({"step": step + 1, "val_losses": vl})
-    if progress:
-        progress.close()
-    train_time = time.perf_counter() - t0
-    val_losses, val_acc = evaluate(model, val, a.loss_impl, amp)
-    history.append({"step": a.steps, "val_losses": val_losses})
-    # tree decoding's candidate tree, from the trained heads (one process: FSDP shards them)
-    t1 = time.perf_counter()
-    tree = None if ctx.enabled else calibrate_draft_tree(model, train_data)
-    if tree:
-        log(f"draft tree for speculative decoding: {len(tree)} candidates, calibrated on the "
-            f"training split in {time.perf_counter() - t1:.1f} s")
-    save_checkpoint(ckpt_path, model, opt, a.steps, a, gen, ctx, draft_tree=tree,
-                    tokenizer=tok.to_dict())
+            progress.close()
+        train_time = time.perf_counter() - t0
+        val_losses, val_acc = evaluate(model, val, a.loss_impl, amp)
+        history.append({"step": a.steps, "val_losses": val_losses})
+        # tree decoding's candidate tree, from the trained heads (one process: FSDP shards them)
+        t1 = time.perf_counter()
+        tree = None if ctx.enabled else calibrate_draft_tree(model, train_data)
+        if tree:
+            log(f"draft tree for speculative decoding: {len(tree)} candidates, calibrated on the "
+                f"training split in {time.perf_counter() - t1:.1f} s")
+        step_file = save(a.steps, tree)
+        ckpt_path = run_dir.publish_final(out, step_file) if ctx.is_main else out / run_dir.FINAL
     summary = {
         "steps": a.steps, "tokens": tokens, "train_seconds": train_time,
         "tokens_per_second": tokens / max(train_time, 1e-9),
+        "total_tokens": tokens_before + tokens, "total_train_seconds": seconds_before + train_time,
+        "checkpoint_seconds": saves,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "first_step": first_losses, "val_losses": val_losses, "val_accuracy": val_acc,
         "history": history, "checkpoint": str(ckpt_path), "rank": ctx.rank,
@@ -409,7 +525,8 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     }
     log(f"done: {a.steps} steps, {tokens / 1e6:.2f}M tokens in {train_time:.0f} s "
         f"({summary['tokens_per_second'] / 1e3:.1f}k tok/s), peak RSS "
-        f"{summary['peak_rss_mib']:.0f} MiB")
+        f"{summary['peak_rss_mib']:.0f} MiB; {len(saves)} checkpoint(s), "
+        f"{sum(saves):.2f} s in all")
     if first_losses:
         log(f"first step ({first_losses['step']}): loss {first_losses['loss']:.4f}, the sum of "
             f"the {n} heads' losses")

@@ -154,6 +154,9 @@ def test_write_refuses_what_the_safe_loader_would(tmp_path):
 def test_a_truncated_checkpoint_is_a_clear_error(trained, tmp_path):
     cut = tmp_path / "cut.pt"
     cut.write_bytes(trained.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cut.pt' is truncated \(1000 bytes"):
+        load_model(str(cut))
+    cut.write_bytes(b"no zip archive" * 100)  # not torch.save's format at all
     with pytest.raises(ValueError, match="is not a checkpoint written by `mtp-ext train`"):
         load_model(str(cut))
 

@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from dist_helpers import run_ranks
+from mtp_ext import run_dir
 import dist_workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -78,37 +80,48 @@ def _train_cmd(out, corpus, steps, extra=()):
             "--dtype", "fp32", "--device", "cpu", "--out", str(out), *extra]
 
 
-def _run(args, ranks=None):
+def _run(args, ranks=None, script=None, check=True):
+    """`python -m mtp_ext ARGS` (or `python SCRIPT ARGS`), under torchrun with `ranks`."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                  "--nproc_per_node", str(ranks)] if ranks else [sys.executable])
-    r = subprocess.run(launcher + ["-m", "mtp_ext"] + args, env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout
+    r = subprocess.run(launcher + ([script] if script else ["-m", "mtp_ext"]) + args, env=env,
+                       capture_output=True, text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout if check else r
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_training_matches_single_process(mode, corpus, tmp_path):
-    """`torchrun --nproc_per_node 2 -m mtp_ext train --parallel MODE`, 4 steps then resumed to 6,
-    against one process on the same global batches: the checkpoints agree to float rounding,
-    rank 0 alone logs and writes."""
-    single, par = tmp_path / "single", tmp_path / mode
-    _run(_train_cmd(single, corpus, 4, ["--threads", "1"]))
-    _run(_train_cmd(single, corpus, 6, ["--threads", "1", "--resume"]))
-    logs = _run(_train_cmd(par, corpus, 4, ["--parallel", mode]), ranks=2)
+def _max_rel_err(a, b):
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b)
+
+
+@pytest.mark.parametrize("mode,kill", [("ddp", ("save", "2")), ("fsdp", ("batch", "5"))])
+def test_torchrun_training_matches_single_process_and_resumes_exactly(mode, kill, corpus,
+                                                                      tmp_path):
+    """`torchrun --nproc_per_node 2 -m mtp_ext train --parallel MODE`, 6 steps, against one
+    process on the same global batches: the checkpoints agree to float rounding, rank 0 alone
+    logs and writes. The same 2-rank run with rank 0 killed (SIGKILL in step 4's save for DDP,
+    as step 5 starts for FSDP), then resumed, ends equal to the uninterrupted one to 1e-6."""
+    single, par, killed = tmp_path / "single", tmp_path / mode, tmp_path / f"{mode}-killed"
+    _run(_train_cmd(single, corpus, 6, ["--threads", "1"]))
+    saving = ["--parallel", mode, "--save-every", "2"]
+    logs = _run(_train_cmd(par, corpus, 6, saving), ranks=2)
     assert logs.count("checkpoint:") == 1 and "x 2 ranks" in logs, logs
-    ckpt4 = torch.load(par / "checkpoint.pt")
-    logs = _run(_train_cmd(par, corpus, 6, ["--parallel", mode, "--resume"]), ranks=2)
-    assert "resumed" in logs and "at step 4" in logs, logs
-    want = torch.load(single / "checkpoint.pt")
-    got = torch.load(par / "checkpoint.pt")
-    assert got["step"] == 6 and ckpt4["step"] == 4
-    assert got["model"].keys() == want["model"].keys()
-    for k, v in want["model"].items():
-        err = ((got["model"][k] - v).abs().max() / v.abs().max()).item()
-        assert err < 1e-4, (k, err)
-        assert not torch.equal(ckpt4["model"][k], got["model"][k]) or k.endswith("norm.weight")
+    r = _run([*kill, *_train_cmd(killed, corpus, 6, saving)[1:]], ranks=2,
+             script=str(Path(__file__).with_name("kill_worker.py")), check=False)
+    assert r.returncode != 0 and not (killed / "checkpoint.pt").exists(), r.stdout + r.stderr
+    logs = _run(_train_cmd(killed, corpus, 6, saving + ["--resume"]), ranks=2)
+    resumed_at = {"save": 2, "batch": 4}[kill[0]]
+    assert f"resumed from {run_dir.step_path(killed, resumed_at)} at step {resumed_at}" in logs
+    want, got = torch.load(single / "checkpoint.pt"), torch.load(par / "checkpoint.pt")
+    again = torch.load(killed / "checkpoint.pt")
+    assert got["step"] == again["step"] == 6
+    assert got["model"].keys() == want["model"].keys() == again["model"].keys()
+    assert _max_rel_err(got["model"], want["model"]) < 1e-4
+    assert _max_rel_err(again["model"], got["model"]) <= 1e-6
+    for p, s in got["optimizer"]["state"].items():
+        assert _max_rel_err(again["optimizer"]["state"][p], s) <= 1e-6, p
     summary = json.loads((par / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["parallel"] == mode
 
