@@ -5,11 +5,11 @@
     out.loss.backward()
 """
 from . import ops  # noqa: F401  (registers the ops, fake kernels and autograd)
-from . import reference, vocab_parallel
+from . import reference, switches, vocab_parallel
 from .loss import MTPLoss, linear_cross_entropy, mtp_loss
 from .ops import cpu_capability
 from .outputs import MTPLossOutput
 
 __all__ = ["linear_cross_entropy", "mtp_loss", "MTPLoss", "MTPLossOutput", "cpu_capability",
-           "reference", "vocab_parallel"]
+           "reference", "switches", "vocab_parallel"]
 __version__ = "0.1.0"

@@ -14,13 +14,13 @@ from . import _C  # noqa: F401  (loads the library, which registers the ops)
 
 def cpu_capability() -> str:
     """The CPU row kernels in use: "avx512", "avx2" or "default". The library carries all three
-    (x86-64; elsewhere only "default") and runs the widest this CPU has, unless the environment
-    variable MTP_EXT_CPU_CAPABILITY=default|avx2|avx512 names a lower one (read at each call;
-    naming one the CPU lacks raises RuntimeError)."""
+    (x86-64; elsewhere only "default") and runs the widest this CPU has, unless the
+    cpu_capability switch (mtp_ext.switches; MTP_EXT_CPU_CAPABILITY=default|avx2|avx512, read
+    once) names a lower one (one the CPU lacks: RuntimeError at the next op)."""
     return torch.ops.mtp_ext._cpu_capability()
 
 
-cpu_capability()  # a bad MTP_EXT_CPU_CAPABILITY fails the import, naming the value
+cpu_capability()  # reads the switches' environment once: a bad value fails the import, named
 
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 

@@ -5,12 +5,12 @@ weight. ATen's CPU matmul (MKL) costs about 3x as much for 4 rows as for 1; oneD
 prepacked weight costs about the same for 1 to 8 rows (docs/model.md has the measurement). So
 inside `packed_linears()` a `Linear` without autograd on a CPU fp32/bf16 weight runs on a copy of
 its weight packed once, packed again when the weight changes (its storage, version or dtype).
-MTP_EXT_PACKED_DECODING=0 turns it off (ATen's F.linear), as do builds of torch without oneDNN.
+The packed_decoding switch (mtp_ext.switches; MTP_EXT_PACKED_DECODING=0) turns it off (ATen's
+F.linear), as do builds of torch without oneDNN.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import weakref
 
@@ -18,13 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import switches
+
 _state = threading.local()
 _DTYPES = (torch.float32, torch.bfloat16)
 _packs: dict = {}  # id(weight) -> (weakref to the weight, key, packed weight)
 
 
 def available() -> bool:
-    return (os.environ.get("MTP_EXT_PACKED_DECODING", "1") != "0"
+    return (switches.packed_decoding()
             and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mtp_ext
-from mtp_ext import reference
+from mtp_ext import reference, switches
 
 IGNORE = -100
 
@@ -106,24 +106,26 @@ MKL_MIXED_GEMM = bool(torch.ops.mtp_ext._cpu_dw16_gemm_info()[2])
 
 @pytest.fixture(params=["cpu-vocab-mkl", "cpu-row-slabs",
                         pytest.param("cuda", marks=needs_cuda)])
-def device(request, monkeypatch):
+def device(request):
     """The device a test body runs on: the CPU with each of its forced kernel choices, and CUDA
     where a device is present. One test body for every device. The two CPU cases force both
-    layouts of fp32/fp64 logits (MTP_EXT_CPU_LAYOUT) and both paths of the 16-bit weight
-    gradient (MTP_EXT_CPU_DW16; MKL's mixed GEMM where libtorch has it), whatever this CPU
-    would choose."""
+    layouts of fp32/fp64 logits (the cpu_layout switch) and both paths of the 16-bit weight
+    gradient (cpu_dw16; MKL's mixed GEMM where libtorch has it), whatever this CPU would
+    choose."""
     if request.param.startswith("cpu-"):
         _, layout, dw16 = request.param.split("-")
-        monkeypatch.setenv("MTP_EXT_CPU_LAYOUT", layout)
+        force = dict(cpu_layout=layout)
         if dw16 != "mkl" or MKL_MIXED_GEMM:
-            monkeypatch.setenv("MTP_EXT_CPU_DW16", dw16)
-        return "cpu"
-    return "cuda"
+            force["cpu_dw16"] = dw16
+        with switches.forced(**force):
+            yield "cpu"
+    else:
+        yield "cuda"
 
 
 @pytest.fixture(params=["vocab", "row"])
-def cpu_layout(request, monkeypatch):
+def cpu_layout(request):
     """Both CPU layouts of fp32/fp64 logits (by default chosen by chunk size, >= 256 rows:
     vocabulary-major with the folded gradient; smaller: row-major with pass B)."""
-    monkeypatch.setenv("MTP_EXT_CPU_LAYOUT", request.param)
-    return request.param
+    with switches.forced(cpu_layout=request.param):
+        yield request.param

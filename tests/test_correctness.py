@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mtp_ext
-from mtp_ext import reference
+from mtp_ext import reference, switches
 from mtp_ext._cpu_check import cpu_flags
 
 from conftest import IGNORE, as64, loss_and_grads, make_inputs, norm_err, on, rel_err
@@ -199,19 +199,18 @@ def test_fp16_bf16_logits_error_bounded(V, device):
 @pytest.mark.parametrize("path", ["default", "mkl", "slabs"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,D", [(200, 48), (40, 2048)])  # D = 2048: 3 slabs of <= 1024 rows
-def test_16bit_weight_gradient_paths(N, D, dtype, path, monkeypatch):
-    """Each CPU path of the 16-bit weight gradient, forced (MTP_EXT_CPU_DW16), within the accuracy
+def test_16bit_weight_gradient_paths(N, D, dtype, path):
+    """Each CPU path of the 16-bit weight gradient, forced (cpu_dw16), within the accuracy
     bound, and it is that path that ran (the op counts the calls of each); by default MKL's
     mixed GEMM, except bf16 on a CPU without AMX: the ATen slabs (4 MiB of product each)."""
     info = torch.ops.mtp_ext._cpu_dw16_gemm_info
     mkl_available, amx = info()[2:]
     if path == "mkl" and not mkl_available:
         pytest.skip("this libtorch exports no MKL mixed GEMM")
-    if path != "default":
-        monkeypatch.setenv("MTP_EXT_CPU_DW16", path)
     before = info()[:2]
-    check_against_f64(dtype, N, D, 3001, {}, bias=True, reduction="mean", chunk_size=16,
-                      seed=31)
+    with switches.forced(cpu_dw16="auto" if path == "default" else path):
+        check_against_f64(dtype, N, D, 3001, {}, bias=True, reduction="mean", chunk_size=16,
+                          seed=31)
     ran = [a - b for a, b in zip(info()[:2], before)]
     if path == "default":
         if os.path.exists("/proc/cpuinfo"):
@@ -220,13 +219,10 @@ def test_16bit_weight_gradient_paths(N, D, dtype, path, monkeypatch):
     assert (ran[0] > 0, ran[1] > 0) == (path == "mkl", path == "slabs"), ran
 
 
-def test_16bit_weight_gradient_bad_choice(monkeypatch):
-    monkeypatch.setenv("MTP_EXT_CPU_DW16", "fast")
-    h, w, _, y = make_inputs(8, 4, 20, torch.bfloat16, seed=1)
-    with pytest.raises(RuntimeError, match="MTP_EXT_CPU_DW16 must be mkl or slabs, got fast"):
-        # chunks of 4 rows: the weight gradient accumulates (one chunk would be one direct GEMM)
-        mtp_ext.linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), y,
-                                     chunk_size=4).backward()
+def test_16bit_weight_gradient_bad_choice():
+    with pytest.raises(ValueError, match="switch cpu_dw16 must be one of auto, mkl, slabs, got "
+                       "fast"):
+        switches.set("cpu_dw16", "fast")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mtp_ext
-from mtp_ext import reference
+from mtp_ext import reference, switches
 
 from conftest import leaf, loss_and_grads, make_inputs, norm_err, rel_err
 
@@ -19,8 +19,17 @@ HERE = torch.ops.mtp_ext._cpu_capabilities()  # what this CPU runs, lowest first
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
-def test_widest_by_default(monkeypatch):
-    monkeypatch.delenv("MTP_EXT_CPU_CAPABILITY", raising=False)
+@pytest.fixture(autouse=True)
+def restore_switches():
+    """Each test leaves the switches as it found them."""
+    before = switches.settings()
+    yield
+    for name, value in before.items():
+        switches.set(name, value)
+
+
+def test_widest_by_default():
+    switches.set("cpu_capability", "auto")
     assert HERE[0] == "default"
     assert mtp_ext.cpu_capability() == HERE[-1]
     if X86:
@@ -31,37 +40,62 @@ def test_widest_by_default(monkeypatch):
 
 
 @pytest.mark.parametrize("value", ["sse4", "avx-512", "1"])
-def test_bad_value_names_it(value, monkeypatch):
-    monkeypatch.setenv("MTP_EXT_CPU_CAPABILITY", value)
-    with pytest.raises(RuntimeError, match=f"MTP_EXT_CPU_CAPABILITY={value} is not one of"):
-        mtp_ext.cpu_capability()
-    h, w, _, y = make_inputs(4, 8, 16, torch.float32, seed=0)
-    with pytest.raises(RuntimeError, match="MTP_EXT_CPU_CAPABILITY"):
-        mtp_ext.linear_cross_entropy(h, w, y)
+def test_bad_value_names_it(value):
+    with pytest.raises(ValueError, match=f"switch cpu_capability must be one of auto, default, "
+                       f"avx2, avx512, got {value}"):
+        switches.set("cpu_capability", value)
+    with pytest.raises(ValueError, match="no switch named cpu_kernels"):
+        switches.set("cpu_kernels", "auto")
+    assert switches.get("cpu_capability") == "auto"  # unchanged
 
 
-def test_bad_value_fails_the_import():
-    env = dict(os.environ, MTP_EXT_CPU_CAPABILITY="avx1024")
+@pytest.mark.parametrize("var,value", [("MTP_EXT_CPU_CAPABILITY", "avx1024"),
+                                       ("MTP_EXT_CPU_LAYOUT", "diagonal"),
+                                       ("MTP_EXT_CPU_DW16", "fast")])
+def test_bad_environment_fails_the_import(var, value):
+    env = dict(os.environ, **{var: value})
     r = subprocess.run([sys.executable, "-c", "import mtp_ext"], env=env, capture_output=True,
                        text=True)
-    assert r.returncode != 0 and "MTP_EXT_CPU_CAPABILITY=avx1024 is not one of" in r.stderr
+    assert r.returncode != 0 and f"{var} must be one of" in r.stderr and value in r.stderr
+
+
+def test_the_environment_is_read_once():
+    """Set after the import, an environment variable changes nothing (it would raise if the ops
+    read it: the value is not a choice); the environment at the start does set the switches."""
+    code = ("import os, torch, mtp_ext; from mtp_ext import switches\n"
+            "print(switches.settings())\n"
+            "for v in ('MTP_EXT_CPU_CAPABILITY', 'MTP_EXT_CPU_LAYOUT', 'MTP_EXT_CPU_DW16',\n"
+            "          'MTP_EXT_PACKED_DECODING'): os.environ[v] = 'bad'\n"
+            "h = torch.randn(300, 16, dtype=torch.bfloat16, requires_grad=True)\n"
+            "w = torch.randn(64, 16, dtype=torch.bfloat16, requires_grad=True)\n"
+            "mtp_ext.linear_cross_entropy(h, w, torch.randint(0, 64, (300,)), chunk_size=8)"
+            ".backward()\n"
+            "print(switches.settings(), mtp_ext.cpu_capability())\n")
+    env = dict(os.environ, MTP_EXT_CPU_LAYOUT="row", MTP_EXT_CPU_DW16="slabs",
+               MTP_EXT_PACKED_DECODING="0", MTP_EXT_CPU_CAPABILITY="default")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.splitlines()
+    want = {"cpu_capability": "default", "cpu_layout": "row", "cpu_dw16": "slabs",
+            "cuda_dw16": "auto", "packed_decoding": "off"}
+    assert eval(first) == want and second == f"{want} default"
 
 
 @pytest.mark.skipif(len(HERE) == 3, reason="this CPU runs every capability")
-def test_capability_the_cpu_lacks_is_refused(monkeypatch):
+def test_capability_the_cpu_lacks_is_refused():
     lacking = [c for c in ("avx2", "avx512") if c not in HERE][0]
-    monkeypatch.setenv("MTP_EXT_CPU_CAPABILITY", lacking)
-    with pytest.raises(RuntimeError, match=f"MTP_EXT_CPU_CAPABILITY={lacking} but this CPU"):
+    switches.set("cpu_capability", lacking)
+    with pytest.raises(RuntimeError, match=f"cpu_capability {lacking} .* but this CPU"):
         mtp_ext.cpu_capability()
 
 
 @pytest.mark.parametrize("capability", HERE)
 @pytest.mark.parametrize("layout", ["vocab", "row"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_each_capability_against_float64(capability, layout, dtype, monkeypatch):
+def test_each_capability_against_float64(capability, layout, dtype):
     """Every compiled set of kernels, forced, against the float64 reference (options on)."""
-    monkeypatch.setenv("MTP_EXT_CPU_CAPABILITY", capability.upper())
-    monkeypatch.setenv("MTP_EXT_CPU_LAYOUT", layout)
+    switches.set("cpu_capability", capability.upper())
+    switches.set("cpu_layout", layout)
     assert mtp_ext.cpu_capability() == capability
     h, w, b, y = make_inputs(300, 40, 523, dtype, seed=11, bias=True)
     opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
@@ -78,12 +112,12 @@ def test_each_capability_against_float64(capability, layout, dtype, monkeypatch)
             assert norm_err(g, r) <= tol, (capability, dtype)
 
 
-def test_capabilities_agree(monkeypatch):
+def test_capabilities_agree():
     """The capabilities' results differ by rounding only (exp and tanh differ in the last bits)."""
     h, w, b, y = make_inputs(64, 32, 1000, torch.float32, seed=5, bias=True)
     results = {}
     for cap in HERE:
-        monkeypatch.setenv("MTP_EXT_CPU_CAPABILITY", cap)
+        switches.set("cpu_capability", cap)
         results[cap] = loss_and_grads(mtp_ext.linear_cross_entropy, (h, w, y, b), softcap=15.0)
     base_loss, base_grads = results["default"]
     for cap, (loss, grads) in results.items():

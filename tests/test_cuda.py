@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mtp_ext
+from mtp_ext import switches
 
 from conftest import HAS_CUDA, loss_and_grads, make_inputs, norm_err, on, rel_err
 
@@ -61,9 +62,9 @@ def test_cuda_graph_capture_and_replay():
 
 
 @pytest.mark.parametrize("per_head", [False, True])
-def test_cuda_16bit_weight_gradient_slabs(per_head, monkeypatch):
+def test_cuda_16bit_weight_gradient_slabs(per_head):
     """The fallback for torch versions whose out_dtype addmm refuses an fp32 accumulator
-    (MTP_EXT_CUDA_DW_SLABS=1 forces it): within twice the out_dtype path's error."""
+    (the cuda_dw16 switch forces it): within twice the out_dtype path's error."""
     g = torch.Generator().manual_seed(6)
     n, N, D, V = 2, 300, 64, 4096
     h = torch.randn(n, N, D, generator=g, dtype=torch.float64)
@@ -72,8 +73,8 @@ def test_cuda_16bit_weight_gradient_slabs(per_head, monkeypatch):
     fn = lambda h, w: mtp_ext.mtp_loss(h, w, y.cuda(), shift=False, chunk_size=128).loss
     _, g64 = loss_and_grads(lambda h, w: mtp_ext.mtp_loss(h, w, y, shift=False).loss, (h, w))
     _, fast = loss_and_grads(fn, (h.bfloat16().cuda(), w.bfloat16().cuda()))
-    monkeypatch.setenv("MTP_EXT_CUDA_DW_SLABS", "1")
-    _, slabs = loss_and_grads(fn, (h.bfloat16().cuda(), w.bfloat16().cuda()))
+    with switches.forced(cuda_dw16="slabs"):
+        _, slabs = loss_and_grads(fn, (h.bfloat16().cuda(), w.bfloat16().cuda()))
     assert norm_err(slabs[1], g64[1]) <= 2 * norm_err(fast[1], g64[1]) + 1e-4
     assert rel_err(slabs[0], fast[0]) <= 1e-6  # the input gradient does not take this path
 

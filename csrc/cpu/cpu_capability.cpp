@@ -2,10 +2,7 @@
 
 #include <c10/util/Exception.h>
 
-#include <algorithm>
-#include <cctype>
-#include <cstdlib>
-
+#include "../switches.h"
 #include "cpu_features.h"
 
 namespace mtp::cpu {
@@ -27,21 +24,13 @@ constexpr Capability kCapabilities[] = {
 };
 
 const Capability& chosen() {
-  const char* forced = std::getenv("MTP_EXT_CPU_CAPABILITY");
-  if (forced && *forced) {
-    std::string name(forced);
-    std::transform(name.begin(), name.end(), name.begin(), [](unsigned char ch) {
-      return static_cast<char>(std::tolower(ch));
-    });
-    for (const Capability& c : kCapabilities) {
-      if (name != c.name) continue;
-      TORCH_CHECK(c.runs_here(), "mtp_ext: MTP_EXT_CPU_CAPABILITY=", name, " but this CPU has ",
-                  "only ", cpu_capabilities().back(), " (one of ",
-                  c10::Join(", ", cpu_capabilities()), ")");
-      return c;
-    }
-    TORCH_CHECK(false, "mtp_ext: MTP_EXT_CPU_CAPABILITY=", name, " is not one of default, avx2, "
-                "avx512");
+  const int forced = switch_value(Switch::kCpuCapability);  // 0: auto, else kCapabilities[forced - 1]
+  if (forced > 0) {
+    const Capability& c = kCapabilities[forced - 1];
+    TORCH_CHECK(c.runs_here(), "mtp_ext: cpu_capability ", c.name, " (MTP_EXT_CPU_CAPABILITY) "
+                "but this CPU has only ", cpu_capabilities().back(), " (one of ",
+                c10::Join(", ", cpu_capabilities()), ")");
+    return c;
   }
   const Capability* best = &kCapabilities[0];
   for (const Capability& c : kCapabilities) {

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "../switches.h"
 #include "cpu_features.h"
 
 // MKL's CBLAS mixed-precision GEMMs (LP64: 32-bit integers). libtorch_cpu exports them where it
@@ -45,19 +46,19 @@ using MixedGemm = void (*)(int, int, int, int, int, int, float, const uint16_t*,
 // (D = 512) the GEMM floor with MKL's, 1.04x and 1.05x with the slabs added through ATen's add_
 // (which converts into a temporary first), 0.99x and 1.01x with add_into. fp16 takes MKL's: on the
 // same CPU it was the faster of the two (0.88x against 0.99x the floor at N = 512, D = 256; both
-// far slower than bf16, as fp16 GEMMs are there). MTP_EXT_CPU_DW16=mkl|slabs forces one (the
-// tests run both).
+// far slower than bf16, as fp16 GEMMs are there). The cpu_dw16 switch (mkl | slabs;
+// MTP_EXT_CPU_DW16) forces one (the tests run both).
 MixedGemm mixed_gemm(at::ScalarType t) {
   MixedGemm f = t == at::kBFloat16 ? cblas_gemm_bf16bf16f32
                 : t == at::kHalf   ? cblas_gemm_f16f16f32
                                    : nullptr;
-  const char* force = std::getenv("MTP_EXT_CPU_DW16");
-  if (force && std::strcmp(force, "slabs") == 0) return nullptr;
-  if (force && std::strcmp(force, "mkl") == 0) {
-    TORCH_CHECK(f, "mtp_ext: MTP_EXT_CPU_DW16=mkl, but this libtorch exports no MKL mixed GEMM");
+  const int forced = switch_value(Switch::kCpuDw16);  // 0 auto, 1 mkl, 2 slabs
+  if (forced == 2) return nullptr;
+  if (forced == 1) {
+    TORCH_CHECK(f, "mtp_ext: cpu_dw16 mkl (MTP_EXT_CPU_DW16), but this libtorch exports no MKL "
+                "mixed GEMM");
     return f;
   }
-  TORCH_CHECK(!force || !*force, "mtp_ext: MTP_EXT_CPU_DW16 must be mkl or slabs, got ", force);
   return t == at::kHalf || has_amx_bf16() ? f : nullptr;
 }
 

@@ -1,10 +1,9 @@
 // The CPU implementations of the mtp_ext ops: the shared driver with CPU GEMMs and row kernels.
 #include <ATen/ATen.h>
-#include <cstdlib>
-#include <cstring>
 #include <torch/library.h>
 
 #include "../driver.h"
+#include "../switches.h"
 #include "cpu_capability.h"
 #include "folded_gradient.h"
 #include "gemm_cpu.h"
@@ -16,14 +15,12 @@ class CpuKernels final : public DeviceKernels {
  public:
   // float32/float64 with chunks of at least 256 rows: measured (interleaved with the row-major
   // path, D = 1024) faster at 512 rows (V = 32768), even at 256 (V = 65536), slower at 130
-  // (V = 128256: a short GEMM and 9 strips for 2 threads). MTP_EXT_CPU_LAYOUT=vocab|row forces
-  // one layout (the tests run both whatever their chunk size).
+  // (V = 128256: a short GEMM and 9 strips for 2 threads). The cpu_layout switch (vocab | row;
+  // MTP_EXT_CPU_LAYOUT) forces one layout (the tests run both whatever their chunk size).
   bool vocab_major(at::ScalarType t, int64_t chunk_rows) const override {
     if (t != at::kFloat && t != at::kDouble) return false;
-    const char* force = std::getenv("MTP_EXT_CPU_LAYOUT");
-    if (force && std::strcmp(force, "vocab") == 0) return true;
-    if (force && std::strcmp(force, "row") == 0) return false;
-    return chunk_rows >= 256;
+    const int forced = switch_value(Switch::kCpuLayout);  // 0 auto, 1 vocab, 2 row
+    return forced ? forced == 1 : chunk_rows >= 256;
   }
   void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore) const override {
     const int64_t* t = targets.data_ptr<int64_t>();

@@ -10,9 +10,9 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 
 #include "../driver.h"
+#include "../switches.h"
 #include "rows_cuda.h"
 
 namespace mtp::cuda {
@@ -34,24 +34,37 @@ bool stream_is_capturing() {
   return status != cudaStreamCaptureStatusNone;
 }
 
-// The 16-bit weight gradient accumulated in fp32: cuBLAS through ATen's out_dtype overload of
-// addmm, whose rule for `self` differs between torch versions (some ask self in the inputs'
-// dtype). Checked on first use: where this torch refuses an fp32 `self` (before any work), the
-// product goes through 16-bit slabs of at most 32 MiB added into the accumulator (cuBLAS still
-// accumulates each slab in fp32; each slab is rounded once, as PyTorch's own dW is).
-// MTP_EXT_CUDA_DW_SLABS=1 forces the slabs (the GPU check runs both).
-void grad_weight_16bit(const at::Tensor& g, const at::Tensor& x, at::Tensor acc) {
-  static std::atomic<int> out_dtype_ok{-1};  // -1: not tried yet, 0: refused, 1: works
-  const char* force = std::getenv("MTP_EXT_CUDA_DW_SLABS");
-  if (!(force && force[0] == '1') && out_dtype_ok.load() != 0) {
+// Whether this torch's out_dtype overload of addmm takes an fp32 `self` with 16-bit inputs (its
+// rule for `self` differs between torch versions; some ask self in the inputs' dtype). Probed
+// once per dtype on a 1 x 1 product, so that the refusal is told from any other error: the real
+// products' errors (an out-of-memory one included) always propagate.
+bool out_dtype_takes_fp32_self(const at::Tensor& like) {
+  static std::atomic<int> verdict[2] = {-1, -1};  // [bf16, fp16]; -1: not probed yet
+  std::atomic<int>& v = verdict[like.scalar_type() == at::kHalf];
+  if (v.load() < 0) {
+    const at::Tensor a = at::zeros({1, 1}, like.options());
+    at::Tensor acc = at::zeros({1, 1}, like.options().dtype(at::kFloat));
     try {
-      at::addmm_out(acc, acc, g.t(), x, at::kFloat);
-      out_dtype_ok.store(1);
-      return;
+      at::addmm_out(acc, acc, a, a, at::kFloat);
+      v.store(1);
+    } catch (const c10::OutOfMemoryError&) {
+      throw;  // no verdict: the device is full
     } catch (const c10::Error&) {
-      if (out_dtype_ok.load() == 1) throw;  // it worked before: a real error
-      out_dtype_ok.store(0);
+      v.store(0);
     }
+  }
+  return v.load() == 1;
+}
+
+// The 16-bit weight gradient accumulated in fp32: cuBLAS through ATen's out_dtype overload of
+// addmm where this torch takes an fp32 `self`, else through 16-bit slabs of at most 32 MiB added
+// into the accumulator (cuBLAS still accumulates each slab in fp32; each slab is rounded once,
+// as PyTorch's own dW is). The cuda_dw16 switch (MTP_EXT_CUDA_DW_SLABS=1) forces the slabs (the
+// GPU check runs both).
+void grad_weight_16bit(const at::Tensor& g, const at::Tensor& x, at::Tensor acc) {
+  if (switch_value(Switch::kCudaDw16) == 0 && out_dtype_takes_fp32_self(g)) {
+    at::addmm_out(acc, acc, g.t(), x, at::kFloat);
+    return;
   }
   const int64_t V = acc.size(0), D = acc.size(1);
   const int64_t slab = std::max<int64_t>(1, (int64_t(32) << 20) / std::max<int64_t>(1, D * 2));

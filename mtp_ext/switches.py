@@ -1,0 +1,73 @@
+"""The run-time switches: which CPU row kernels, logits layout and 16-bit weight-gradient GEMM
+the ops use, and whether decoding prepacks its weights. Each is read from its environment
+variable once (the ops' at their first use, which `import mtp_ext` makes; packed decoding at
+import) and changed afterwards only here: no environment variable is read per op call, per chunk
+or per decoding step, and changing one is a single atomic store (safe while other threads run
+ops).
+
+    name            choices                       environment variable
+    cpu_capability  auto, default, avx2, avx512   MTP_EXT_CPU_CAPABILITY
+    cpu_layout      auto, vocab, row              MTP_EXT_CPU_LAYOUT
+    cpu_dw16        auto, mkl, slabs              MTP_EXT_CPU_DW16
+    cuda_dw16       auto, slabs                   MTP_EXT_CUDA_DW_SLABS (1: slabs)
+    packed_decoding auto, off                     MTP_EXT_PACKED_DECODING (0: off)
+
+"auto" is the library's own choice (docs/design.md, docs/building.md)."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict
+
+import torch
+
+from . import _C  # noqa: F401  (registers the ops)
+
+_PACKED = {"auto", "off"}
+_packed_decoding = {"0": "off"}.get(os.environ.get("MTP_EXT_PACKED_DECODING", ""), "auto")
+
+
+def packed_decoding() -> bool:
+    """The packed_decoding switch, for mtp_ext.packed_linear (a cached value)."""
+    return _packed_decoding != "off"
+
+
+def settings() -> Dict[str, str]:
+    """Every switch's current choice."""
+    out = dict(s.split("=", 1) for s in torch.ops.mtp_ext._switches())
+    out["packed_decoding"] = _packed_decoding
+    return out
+
+
+def get(name: str) -> str:
+    s = settings()
+    if name not in s:
+        raise ValueError(f"no switch named {name!r} (one of {', '.join(s)})")
+    return s[name]
+
+
+def set(name: str, value: str) -> str:
+    """Sets switch `name` to `value` (one of its choices); returns the previous choice. A bad
+    name or value: ValueError naming it."""
+    global _packed_decoding
+    if name == "packed_decoding":
+        value = (value or "auto").lower()
+        if value not in _PACKED:
+            raise ValueError(f"switch packed_decoding must be one of auto, off, got {value!r}")
+        previous, _packed_decoding = _packed_decoding, value
+        return previous
+    return torch.ops.mtp_ext._set_switch(name, str(value))
+
+
+@contextlib.contextmanager
+def forced(**choices: str):
+    """Within it, the named switches take the given choices; the previous ones come back after:
+    `with mtp_ext.switches.forced(cpu_layout="row", cpu_dw16="slabs"): ...`."""
+    previous = {}
+    try:
+        for name, value in choices.items():
+            previous[name] = set(name, value)
+        yield
+    finally:
+        for name, value in previous.items():
+            set(name, value)
