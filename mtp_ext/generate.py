@@ -40,6 +40,7 @@ class GenerateOutput:
     head_proposed: List[int] = field(default_factory=list)  # drafts of head k checked
     head_accepted: List[int] = field(default_factory=list)  # drafts of head k accepted
     lengths: torch.Tensor = None            # [B] prompt + generated tokens of each sequence
+                                            # (its own count, a stop token included)
     sequence_tokens: torch.Tensor = None    # [B] tokens generated, until a stop token
     sequence_forwards: torch.Tensor = None  # [B] forwards each sequence took part in
 
@@ -289,136 +290,182 @@ def _stack(outs, stop_token) -> GenerateOutput:
                           cat("lengths"), cat("sequence_tokens"), cat("sequence_forwards"))
 
 
-def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
-            tree=None) -> GenerateOutput:
-    n = model.cfg.n_future
-    B, P = input_ids.shape
-    dev = input_ids.device
-    per_row = getattr(model, "per_row_positions", False)
-    spec = speculative and n > 1
-    heads = n if spec else 1
-    t0 = time.perf_counter()
-    caches = model.new_caches(B)
-    tree = None if tree is None else tree.to(dev)
-    top = chain(n).to(dev) if tree is not None else None  # each head's top draft only
-    use = tree
+class _Decoding:
+    """One batch's decoding between steps: the active sequences (`rows`, their indices in the
+    batch; finished ones leave), how many tokens each has cached (`pos`), the decided next
+    token of each (`nxt`, already emitted) and the logits it was decided from (`last`: the heads'
+    logits at that place), the tokens made so far, and the tallies of the output."""
 
-    def forward(ids, pos):  # pos [A]: tokens already cached of each active sequence
-        if per_row:
-            return model.forward_cached(ids, caches, heads, positions=pos)
-        for c in caches:  # one sequence: cut back to its length
-            c.truncate(int(pos[0]))
-        return model.forward_cached(ids, caches, heads)
+    def __init__(self, model, input_ids, lens, max_new, heads, stop_token, sampler):
+        self.model, self.heads, self.stop, self.sampler = model, heads, stop_token, sampler
+        self.max_new = max_new
+        n, dev = model.cfg.n_future, input_ids.device
+        B = input_ids.shape[0]
+        self.per_row = getattr(model, "per_row_positions", False)
+        self.caches = model.new_caches(B)
+        self.pad = 0 if stop_token is None else stop_token
+        self.gen = torch.full((B, max_new + n), self.pad, dtype=input_ids.dtype, device=dev)
+        self.made = torch.zeros(B, dtype=torch.long, device=dev)  # a stop token included
+        self.fwd = torch.zeros(B, dtype=torch.long, device=dev)   # forwards per sequence
+        self.proposed = torch.zeros(max(n - 1, 0), dtype=torch.long, device=dev)
+        self.accepted = torch.zeros(max(n - 1, 0), dtype=torch.long, device=dev)
+        self.forwards = 0
+        self.rows = torch.arange(B, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.last = self.nxt = None
 
-    pad = 0 if stop_token is None else stop_token
-    gen = torch.full((B, max_new + n), pad, dtype=input_ids.dtype, device=dev)
-    made = torch.zeros(B, dtype=torch.long, device=dev)  # tokens generated, a stop token included
-    fwd = torch.ones(B, dtype=torch.long, device=dev)    # forwards each sequence took part in
-    proposed = torch.zeros(max(n - 1, 0), dtype=torch.long, device=dev)
-    accepted = torch.zeros(max(n - 1, 0), dtype=torch.long, device=dev)
-    steps = torch.arange(max(n - 1, 0), device=dev)
-    rows = torch.arange(B, device=dev)  # original index of each active sequence
-    pos = lens.to(dev)                  # tokens cached of each active sequence
+    def forward(self, ids):
+        """The model on ids [A, T] after each active sequence's cached tokens."""
+        self.forwards += 1
+        self.fwd[self.rows] += 1
+        if self.per_row:
+            return self.model.forward_cached(ids, self.caches, self.heads, positions=self.pos)
+        for c in self.caches:  # one sequence: cut back to its length
+            c.truncate(int(self.pos[0]))
+        return self.model.forward_cached(ids, self.caches, self.heads)
 
-    def emit(tok, count):
+    def emit(self, tok, count):
         """Appends the first count[a] tokens of tok [A, m] to active sequence a, at most up to
         max_new and up to its first stop token; returns which sequences go on."""
-        m = tok.shape[1]
+        m, dev = tok.shape[1], tok.device
+        made = self.made[self.rows]
         j = torch.arange(m, device=dev)
-        take = j[None, :] < torch.minimum(count, max_new - made[rows])[:, None]
+        take = j[None, :] < torch.minimum(count, self.max_new - made)[:, None]
         hit = torch.zeros_like(take[:, 0])
-        if stop_token is not None:  # nothing after the first stop token
-            is_stop = (tok == stop_token) & take
+        if self.stop is not None:  # nothing after the first stop token
+            is_stop = (tok == self.stop) & take
             take = take & ((is_stop.long().cumsum(1) - is_stop.long()) == 0)
             hit = is_stop.any(1)
-        at = made[rows][:, None] + j[None, :]
-        gen[rows[:, None].expand(-1, m)[take], at[take]] = tok[take]
-        made[rows] += take.sum(1)
-        return ~hit & (made[rows] < max_new)
+        # integer indices only (no boolean mask: no host synchronisation); made + j < max_new + n
+        r, at = self.rows[:, None].expand(-1, m), made[:, None] + j[None, :]
+        self.gen[r, at] = torch.where(take, tok, self.gen[r, at])
+        self.made[self.rows] += take.sum(1)
+        return ~hit & (self.made[self.rows] < self.max_new)
 
-    forwards = 1
-    last = forward(input_ids, torch.zeros(B, dtype=torch.long, device=dev))[:, rows, pos - 1]
-    nxt = sampler.pick(last[0])  # the next token of each active sequence, decided and emitted
-    alive = emit(nxt[:, None], torch.ones_like(nxt))
-    if tree is not None:  # tree drafting keeps the draft heads' logits only
-        last = last[1:]
-    while True:
-        if not bool(alive.all()):  # finished sequences leave the batch
-            keep = alive.nonzero().squeeze(1)
-            if keep.numel() == 0:
-                break
-            rows, pos, last, nxt = rows[keep], pos[keep], last[:, keep], nxt[keep]
-            for c in caches:
-                c.select(keep)
-        if tree is not None:
-            ar = torch.arange(rows.numel(), device=dev)
-            toks = use.tokens(nxt, last)                                    # [A, T]
-            head0, x = model.forward_tree(toks, caches, pos, use.depth, use.visible)
-            forwards += 1
-            fwd[rows] += 1
-            best = head0.argmax(-1)            # [A, T]: greedy's token after each node
-            path, run, reached, kept = use.accept(toks, best)
-            # while every sequence keeps all its drafts along the top ones, the next step
-            # verifies just those (the chain: fewer tokens); otherwise the whole tree
-            use = top if bool((run == n - 1).all() and (use.rank[path] == 0).all()) else tree
-            proposed[:len(reached)] += reached
-            accepted[:len(kept)] += kept
-            cur = path[ar, run]
-            model.commit_path(caches, pos, path)
-            last = model.draft_forward(x[ar[:, None], path], caches, pos)[:, ar, run]
-            nxt = best[ar, cur]
-            pos = pos + 1 + run
-            # the kept drafts, then the next token
-            out = torch.cat([toks.gather(1, path[:, 1:]), nxt[:, None]], 1)
-            alive = emit(out.scatter_(1, run[:, None], nxt[:, None]), run + 1)
-            continue
-        if not spec:
-            last = forward(nxt[:, None], pos)[:, :, 0]
-            forwards += 1
-            fwd[rows] += 1
-            pos = pos + 1
-            nxt = sampler.pick(last[0])
-            alive = emit(nxt[:, None], torch.ones_like(nxt))
-            continue
-        q = None if sampler.greedy else sampler.probs(last[1:])            # [n-1, A, V]
-        drafts = (last[1:].argmax(-1) if q is None else
-                  torch.stack([sampler.draw(q[i]) for i in range(n - 1)])).t()  # [A, n-1]
-        logits = forward(torch.cat([nxt[:, None], drafts], 1), pos)        # [n, A, n, V]
-        forwards += 1
-        fwd[rows] += 1
-        ar = torch.arange(rows.numel(), device=dev)
-        # draft i (block index i + 1) is checked by head 0 after the block's first i + 1 tokens
-        if q is None:
-            ok = drafts == logits[0, :, :-1].argmax(-1)
-        else:
-            p = sampler.probs(logits[0])                                    # [A, n, V]
-            p_d = p[:, :-1].gather(2, drafts[:, :, None]).squeeze(2)        # [A, n-1]
-            q_d = q.permute(1, 0, 2).gather(2, drafts[:, :, None]).squeeze(2)
-            ok = sampler.uniform(p_d.shape, dev) * q_d < p_d                # u < p(x) / q(x)
-        run = ok.long().cumprod(1).sum(1)                                   # drafts accepted
-        checked = run[:, None] >= steps
-        proposed += checked.sum(0)
-        accepted += (checked & ok).sum(0)
-        # the next token: head 0 after the last kept one; sampled, the first rejected draft's
-        # place takes a draw from max(0, p - q), normalized
-        if q is None:
-            nxt = logits[0, ar, run].argmax(-1)
-        else:
-            p_next = p[ar, run]
-            q_next = q.permute(1, 0, 2)[ar, run.clamp(max=n - 2)]
-            resid = torch.where((run < n - 1)[:, None], (p_next - q_next).clamp(min=0), p_next)
-            resid = torch.where(resid.sum(1, keepdim=True) > 0, resid, p_next)  # p = q: p
-            nxt = sampler.draw(resid / resid.sum(1, keepdim=True))
-        last = logits[:, ar, run]
-        pos = pos + 1 + run
-        alive = emit(drafts, run)
-        alive = alive & emit(nxt[:, None], alive.long())
-    wall = time.perf_counter() - t0
-    new = int(made.max()) if B else 0
-    tokens = torch.full((B, P + new), pad, dtype=input_ids.dtype, device=dev)
-    for b in range(B):  # each prompt, then its tokens (the stop token repeating after a stop)
-        L = int(lens[b])
-        tokens[b, :L] = input_ids[b, :L]
-        tokens[b, L:L + new] = gen[b, :new]
-    return GenerateOutput(tokens, new, forwards, wall, proposed.tolist(), accepted.tolist(),
-                          lens.to(dev) + new, made, fwd)
+    def keep(self, alive) -> bool:
+        """Finished sequences leave the batch; False when none is left."""
+        if bool(alive.all()):  # a host synchronisation per step
+            return True
+        keep = alive.nonzero().squeeze(1)
+        if keep.numel() == 0:
+            return False
+        self.rows, self.pos, self.nxt = self.rows[keep], self.pos[keep], self.nxt[keep]
+        self.last = self.last[:, keep]
+        for c in self.caches:
+            c.select(keep)
+        return True
+
+    def output(self, input_ids, lens, wall) -> GenerateOutput:
+        B, P = input_ids.shape
+        new = int(self.made.max()) if B else 0
+        tokens = torch.full((B, P + new), self.pad, dtype=input_ids.dtype, device=input_ids.device)
+        for b in range(B):  # each prompt, then its tokens (the stop token repeating after a stop)
+            L = int(lens[b])
+            tokens[b, :L] = input_ids[b, :L]
+            tokens[b, L:L + new] = self.gen[b, :new]
+        return GenerateOutput(tokens, new, self.forwards, wall, self.proposed.tolist(),
+                              self.accepted.tolist(), lens.to(self.made.device) + self.made,
+                              self.made, self.fwd)
+
+
+def _prefill(s: _Decoding, input_ids, lens):
+    """The prompts' forward: every head's logits at each prompt's last token; the first token."""
+    s.last = s.forward(input_ids)[:, s.rows, lens.to(s.rows.device) - 1]
+    s.pos = lens.to(s.rows.device)
+    s.nxt = s.sampler.pick(s.last[0])
+    return s.emit(s.nxt[:, None], torch.ones_like(s.nxt))
+
+
+def _plain_step(s: _Decoding):
+    """One token per sequence: the next-token head on the last decided token."""
+    s.last = s.forward(s.nxt[:, None])[:, :, 0]
+    s.pos = s.pos + 1
+    s.nxt = s.sampler.pick(s.last[0])
+    return s.emit(s.nxt[:, None], torch.ones_like(s.nxt))
+
+
+def _blockwise_step(s: _Decoding):
+    """The next token and one draft per head (each head's top, or drawn from it when sampling)
+    in one forward; the run of drafts that head 0 confirms is kept (greedy: equal to its
+    choice; sampled: speculative sampling), then head 0's token after the run."""
+    n, sampler, ar = s.model.cfg.n_future, s.sampler, torch.arange(s.rows.numel(),
+                                                                   device=s.rows.device)
+    q = None if sampler.greedy else sampler.probs(s.last[1:])             # [n-1, A, V]
+    drafts = (s.last[1:].argmax(-1) if q is None else
+              torch.stack([sampler.draw(q[i]) for i in range(n - 1)])).t()  # [A, n-1]
+    logits = s.forward(torch.cat([s.nxt[:, None], drafts], 1))            # [n, A, n, V]
+    # draft i (block index i + 1) is checked by head 0 after the block's first i + 1 tokens
+    if q is None:
+        ok = drafts == logits[0, :, :-1].argmax(-1)
+    else:
+        p = sampler.probs(logits[0])                                      # [A, n, V]
+        p_d = p[:, :-1].gather(2, drafts[:, :, None]).squeeze(2)          # [A, n-1]
+        q_d = q.permute(1, 0, 2).gather(2, drafts[:, :, None]).squeeze(2)
+        ok = sampler.uniform(p_d.shape, p_d.device) * q_d < p_d           # u < p(x) / q(x)
+    run = ok.long().cumprod(1).sum(1)                                     # drafts accepted
+    checked = run[:, None] >= torch.arange(n - 1, device=run.device)
+    s.proposed += checked.sum(0)
+    s.accepted += (checked & ok).sum(0)
+    # the next token: head 0 after the last kept one; sampled, the first rejected draft's place
+    # takes a draw from max(0, p - q), normalized
+    if q is None:
+        s.nxt = logits[0, ar, run].argmax(-1)
+    else:
+        p_next = p[ar, run]
+        q_next = q.permute(1, 0, 2)[ar, run.clamp(max=n - 2)]
+        resid = torch.where((run < n - 1)[:, None], (p_next - q_next).clamp(min=0), p_next)
+        resid = torch.where(resid.sum(1, keepdim=True) > 0, resid, p_next)  # p = q: p
+        s.nxt = sampler.draw(resid / resid.sum(1, keepdim=True))
+    s.last = logits[:, ar, run]
+    s.pos = s.pos + 1 + run
+    alive = s.emit(drafts, run)
+    return alive & s.emit(s.nxt[:, None], alive.long())
+
+
+class _TreeSteps:
+    """Greedy tree drafting (a model with forward_tree): each step verifies the candidate tree
+    after the next token and keeps its longest confirmed path. While every sequence keeps all
+    its drafts along the top ones, the next step verifies just those (the chain: fewer tokens);
+    otherwise the whole tree. `last` holds the draft heads' logits only."""
+
+    def __init__(self, tree: DraftTree, n: int, device):
+        self.tree, self.top = tree.to(device), chain(n).to(device)
+        self.use = self.tree
+
+    def __call__(self, s: _Decoding):
+        model, use, n = s.model, self.use, s.model.cfg.n_future
+        ar = torch.arange(s.rows.numel(), device=s.rows.device)
+        toks = use.tokens(s.nxt, s.last)                                  # [A, T]
+        s.forwards += 1
+        s.fwd[s.rows] += 1
+        head0, x = model.forward_tree(toks, s.caches, s.pos, use.depth, use.visible)
+        best = head0.argmax(-1)            # [A, T]: greedy's token after each node
+        path, run, reached, kept = use.accept(toks, best)
+        self.use = self.top if bool((run == n - 1).all() and (use.rank[path] == 0).all()) \
+            else self.tree
+        s.proposed[:len(reached)] += reached
+        s.accepted[:len(kept)] += kept
+        model.commit_path(s.caches, s.pos, path)
+        s.last = model.draft_forward(x[ar[:, None], path], s.caches, s.pos)[:, ar, run]
+        s.nxt = best[ar, path[ar, run]]
+        s.pos = s.pos + 1 + run
+        out = torch.cat([toks.gather(1, path[:, 1:]), s.nxt[:, None]], 1)  # kept drafts, next
+        return s.emit(out.scatter_(1, run[:, None], s.nxt[:, None]), run + 1)
+
+
+def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
+            tree=None) -> GenerateOutput:
+    """Prefill, then steps until every sequence is done: tree drafting, blockwise drafting
+    (the chain by forward_cached; greedy or sampled) or plain decoding."""
+    n = model.cfg.n_future
+    spec = speculative and n > 1
+    t0 = time.perf_counter()
+    s = _Decoding(model, input_ids, lens, max_new, n if spec else 1, stop_token, sampler)
+    alive = _prefill(s, input_ids, lens)
+    if tree is not None:
+        step, s.last = _TreeSteps(tree, n, input_ids.device), s.last[1:]
+    else:
+        step = _blockwise_step if spec else _plain_step
+    while s.keep(alive):
+        alive = step(s)
+    return s.output(input_ids, lens, time.perf_counter() - t0)

@@ -142,11 +142,16 @@ def test_cli_generate(trained, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("which", ["untrained", "trained"])
-def test_batch_of_different_lengths_and_stops_equals_one_at_a_time(which, request):
+@pytest.mark.parametrize("which", ["untrained", "trained", "one-at-a-time"])
+def test_batch_of_different_lengths_and_stops_equals_one_at_a_time(which, request,
+                                                                   monkeypatch):
     """Each sequence of a batch advances by its own accepted run (prompts of different lengths,
-    a stop token), and its tokens are those of greedy decoding of that sequence alone."""
+    a stop token), and its tokens are those of greedy decoding of that sequence alone;
+    `lengths` is each sequence's prompt and generated tokens, on the batched path and on the
+    one-at-a-time path of models without per-sequence positions (the HF adapter's)."""
     model = tiny(seed=3) if which == "untrained" else request.getfixturevalue("trained")
+    if which == "one-at-a-time":
+        monkeypatch.setattr(model, "per_row_positions", False)
     lo, hi = (32, 127) if model.cfg.vocab_size == 256 else (0, model.cfg.vocab_size)
     g = torch.Generator().manual_seed(4)
     lens = [3, 9, 6, 1]
@@ -163,6 +168,7 @@ def test_batch_of_different_lengths_and_stops_equals_one_at_a_time(which, reques
             assert got[:len(want)] == want and all(t == stop for t in got[len(want):]), b
             assert torch.equal(out.tokens[b, :lens[b]], prompts[b, :lens[b]])
             assert int(out.sequence_tokens[b]) == len(want)
+            assert int(out.lengths[b]) == lens[b] + len(want)  # tokens[b, :lengths[b]]
         assert int(out.sequence_forwards[2]) < int(out.sequence_forwards.max())  # it left early
 
 
@@ -394,7 +400,7 @@ def test_packed_linears_and_bf16_drafts():
     fp32 rounding, and the packed product is the one that runs (counted); a changed weight is
     packed again. bf16 draft heads leave the output of greedy decoding unchanged."""
     from torch.profiler import profile
-    from mtp_ext import packed_linear
+    from mtp_ext import packed_linear, switches
     if not packed_linear.available():
         pytest.skip("torch without oneDNN")
     model = tiny(seed=4).float()
@@ -406,6 +412,10 @@ def test_packed_linears_and_bf16_drafts():
     assert calls == 2 * 4 + 4 + 1  # 2 trunk layers and head 0 (4 each), all heads' logits
     want = full_logits(model, x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with profile() as prof, torch.no_grad(), switches.forced(packed_decoding="off"):
+        plain = model.forward_cached(x, model.new_caches(2))  # ATen's F.linear
+    assert not any(e.key == "mkldnn::_linear_pointwise" for e in prof.key_averages())
+    torch.testing.assert_close(plain, want, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         model.trunk[0].mlp.down.weight.mul_(-2.0)
         again = model.forward_cached(x, model.new_caches(2))[0]
