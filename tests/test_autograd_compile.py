@@ -119,6 +119,7 @@ def test_torch_compile_fullgraph(reduction, cpu_layout):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_compile_inductor_forward_backward(device):
     torch._dynamo.reset()
     h, w, _, y = on(device, *make_inputs(20, 8, 40, torch.float32, seed=4))

@@ -95,6 +95,7 @@ def test_the_crafted_file_would_run_its_command(trained, tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_this_code_loads_decodes_and_resumes_exactly(corpus, tmp_path, capsys):
     whole = train(small_args(corpus, tmp_path / "whole"), log=lambda *_: None)
     # 4 steps (all in warm-up, so the learning rates do not depend on the total), then resumed

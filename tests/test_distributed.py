@@ -96,6 +96,7 @@ def _max_rel_err(a, b):
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() for k in b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,kill", [("ddp", ("save", "2")), ("fsdp", ("batch", "5"))])
 def test_torchrun_training_matches_single_process_and_resumes_exactly(mode, kill, corpus,
                                                                       tmp_path):
@@ -146,6 +147,7 @@ with open(os.path.join(sys.argv[2], f"rank{ctx.rank}.txt"), "w") as f:  # not st
 """
 
 
+@pytest.mark.slow
 def test_ddp_shutdown_frees_the_process_group(tmp_path):
     """The cause of the abort at exit (mtp_ext.distributed): after shutdown, no gloo worker
     thread is left for the interpreter's finalization to meet (it fails without the early import
@@ -166,6 +168,7 @@ def test_ddp_shutdown_frees_the_process_group(tmp_path):
 EXIT_REPEATS = int(os.environ.get("MTP_EXT_EXIT_REPEATS", "2"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repeat", range(EXIT_REPEATS))
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_exit_is_clean(mode, repeat, corpus, tmp_path):

@@ -132,6 +132,7 @@ def test_unsupported_architecture_is_named():
         hf.use_fused_loss(base)
 
 
+@pytest.mark.slow
 def test_compile_and_gradient_checkpointing():
     model = make_model("llama")
     fused = hf.use_fused_loss(copy.deepcopy(model))
@@ -208,6 +209,7 @@ print(json.dumps(_rss_now_and_peak()[1] - before))
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_of_a_llama3_vocabulary_step():
     """A training step at the Llama-3 vocabulary (128256) with 4096 tokens: the fused loss's peak
     (fresh process each) is lower than the model's own by at least the fp32 logits' size."""

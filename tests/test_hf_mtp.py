@@ -179,6 +179,7 @@ def test_speculative_decoding_accepts_and_rejects():
     assert 0 < accepted < proposed
 
 
+@pytest.mark.slow
 def test_compile_checkpointing_and_autocast():
     mtp = make_mtp("llama")
     ids, mask, labels = make_batch()

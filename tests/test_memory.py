@@ -26,6 +26,7 @@ def extra_over_gradients(path, n, dtype):
     return peak - grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_fused_peak_memory_is_flat_and_within_budget(dtype):
     extra = {}
@@ -38,6 +39,7 @@ def test_fused_peak_memory_is_flat_and_within_budget(dtype):
     assert abs(extra[4] - extra[1]) <= 0.1 * BUDGET, {k: v / MiB for k, v in extra.items()}
 
 
+@pytest.mark.slow
 def test_reference_path_is_caught_materializing_logits():
     """The probe detects a rows x V allocation: the reference path must exceed it."""
     assert extra_over_gradients("reference", 1, "fp32") >= N * V * 4
@@ -52,6 +54,7 @@ def gemm_calls(N, Dh, Vw, dtype):
     return collections.Counter(e.name for e in prof.events())
 
 
+@pytest.mark.slow
 def test_16bit_weight_gradient_in_one_chunk_where_it_costs_no_memory():
     """A 16-bit shared weight: when the 16-bit logits of every row take no more memory than the
     fp32 dW accumulator and the 64 MiB workspace, the loss is one chunk whose dW is one GEMM
@@ -92,6 +95,7 @@ def logits_rows(h, w, y):
     return rows, loss, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunks_see_enough_rows_for_the_weight_gradient(dtype, device):

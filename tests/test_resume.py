@@ -65,6 +65,7 @@ def whole(corpus, tmp_path):
     return tmp_path / "whole" / "checkpoint.pt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [("batch", "6"), ("save", "2")], ids=["mid-step", "mid-save"])
 def test_killed_then_resumed_equals_an_uninterrupted_run(whole, corpus, tmp_path, how):
     """Checkpoints every 2 steps; SIGKILL as step 6 starts (checkpoints of steps 2 and 4
@@ -85,6 +86,7 @@ def test_killed_then_resumed_equals_an_uninterrupted_run(whole, corpus, tmp_path
     assert summary["total_tokens"] == 8 * 4 * 32
 
 
+@pytest.mark.slow
 def test_killed_at_a_random_moment_then_resumed(whole, corpus, tmp_path):
     """SIGKILL from outside at a random moment of a run that saves every step: after the
     progress line of a random step, a random delay of up to one step (before, during or after
@@ -112,6 +114,7 @@ def test_killed_at_a_random_moment_then_resumed(whole, corpus, tmp_path):
     assert_same_state(out / "checkpoint.pt", whole), where
 
 
+@pytest.mark.slow
 def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_used(whole, corpus,
                                                                        tmp_path):
     out = tmp_path / "cut"
@@ -130,6 +133,7 @@ def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_used(whole, 
     assert r.returncode == 2 and "no checkpoint in" in r.stderr and "truncated" in r.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(corpus, tmp_path):
     out = tmp_path / "term"
     p = subprocess.Popen([sys.executable, "-m", "mtp_ext", "train",
@@ -149,6 +153,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_0(corpus, tmp_p
     assert f"at step {step}" in r.stdout and read_checkpoint(out / "checkpoint.pt")["step"] == step + 2
 
 
+@pytest.mark.slow
 def test_a_second_sigint_ends_the_run_at_once(corpus, tmp_path):
     out = tmp_path / "int"
     r = run(train_args(out, corpus, 8), worker=("sigint", "3"), check=False)

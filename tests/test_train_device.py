@@ -59,6 +59,7 @@ def test_cli_generate_and_bench_decode_on_the_device(device, corpus, tmp_path, c
     assert capsys.readouterr().out == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_rank_torchrun_on_the_device(device, corpus, tmp_path):
     """torchrun with one rank: nccl on CUDA, gloo on the CPU."""
