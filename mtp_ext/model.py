@@ -407,7 +407,9 @@ class MTPTransformer(nn.Module):
 
     def _draft_layers(self, x, cos, sin, cache, mask, pos):
         """Head layers 1..n-1 (Block) on the trunk's output x [B, T, D] in one stacked pass,
-        their KV caches stacked along the batch: [n-1, B, T, D]."""
+        their KV caches stacked along the batch: [n-1, B, T, D]. A second form of Block
+        (RMSNorm, attention, SwiGLU), kept for speed (one product per kind for every draft
+        head); tests/test_generate.py ties it to the blocks (float64, 1e-10)."""
         n1n, wqkv, wout, n2n, wgu, wdown = self._draft_weights()
         k, (B, T, D), H = wqkv.shape[0], x.shape, self.cfg.n_heads
         eps = self.cfg.norm_eps

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the library, which registers the ops)
+from .outputs import head_scale
 
 
 def cpu_capability() -> str:
@@ -121,9 +122,8 @@ def _backward(ctx, g_loss, g_lse, g_stats, g_dh, g_dw, g_db):
         grad_rows = g_loss
     else:
         valid = targets != ignore_index
-        scale = head_weights.to(lse.dtype)
-        if ctx.reduction == 1:
-            scale = scale / stats[:, 2].clamp_min(1).to(lse.dtype)
+        scale = head_scale(head_weights.to(lse.dtype), stats[:, 2],
+                           "mean" if ctx.reduction == 1 else "sum")
         grad_rows = g_loss.to(lse.dtype) * scale[:, None] * valid
     dh, dw, db = torch.ops.mtp_ext.fused_ce_backward(
         grad_rows, hidden, weight, bias, targets, lse, ignore_index, label_smoothing, z_loss,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import Prepared, prepare_mtp, prepare_single
-from .outputs import MTPLossOutput, head_summary
+from .outputs import MTPLossOutput, head_scale, head_summary
 
 
 def _head_rows(h, w, b, y, p: Prepared):
@@ -63,11 +63,8 @@ def mtp_loss(hidden, weight, labels, *, bias=None, head_weights=None, ignore_ind
     p = prepare_mtp(hidden, weight, labels, bias, head_weights, ignore_index, label_smoothing,
                     z_loss, softcap, reduction, shift, chunk_size)
     loss_rows, loss_sum, correct, count = _heads(p)
-    hw = p.head_weights.to(loss_rows.dtype)
     if reduction == "none":
         loss = loss_rows.reshape((p.n,) + p.lead_shape)
-    elif reduction == "sum":
-        loss = (hw * loss_sum).sum()
     else:
-        loss = torch.where(count > 0, hw * loss_sum / count.clamp_min(1), 0.0).sum()
+        loss = (head_scale(p.head_weights.to(loss_rows.dtype), count, reduction) * loss_sum).sum()
     return MTPLossOutput(loss, *head_summary(loss_sum, correct, count))

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import ops  # noqa: F401  (loads the library and registers the ops)
+from .outputs import head_scale
 
 
 def vocab_shard(vocab_size: int, group=None, rank: Optional[int] = None) -> Tuple[int, int]:
@@ -88,7 +89,8 @@ class ShardedRows(torch.autograd.Function):
         sum_exp, sum_z, z_target = sums.unbind(-1)
         valid = targets != ignore_index
         # docs/design.md, "Loss of one row" (csrc/common/ce_math.h row_loss), with the global lse
-        # and V; ignored rows have loss 0.
+        # and V; ignored rows have loss 0. A second form of row_loss, kept because the shards'
+        # statistics combine here: tests/test_distributed.py ties it to the op (float64, 1e-12).
         lse = torch.where(valid, row_max + torch.log(sum_exp), 0.0)
         eps = label_smoothing
         loss = (1.0 - eps) * (lse - z_target) + z_loss * lse * lse
@@ -134,9 +136,6 @@ def sharded_loss(p, start: int, total: int, group):
     if p.reduction == "none":
         loss = rows
     else:
-        per_head = loss_sum
-        if p.reduction == "mean":
-            per_head = torch.where(counts > 0, loss_sum / counts.clamp_min(1), 0.0)
-        loss = (p.head_weights.to(rows.dtype) * per_head).sum()
+        loss = (head_scale(p.head_weights.to(rows.dtype), counts, p.reduction) * loss_sum).sum()
     stats = torch.stack([loss_sum.detach().double(), correct.sum(1).double(), counts.double()], 1)
     return loss, stats
