@@ -45,6 +45,11 @@ class GenerateOutput:
     sequence_forwards: torch.Tensor = None  # [B] forwards each sequence took part in
 
     @property
+    def sequences(self) -> torch.Tensor:
+        """The tokens, under transformers' name (GenerateDecoderOnlyOutput.sequences)."""
+        return self.tokens
+
+    @property
     def tokens_per_forward(self) -> float:
         """Generated tokens per forward pass a sequence took part in (the prompt's forward
         yields the first token), over the batch's sequences."""
@@ -63,10 +68,12 @@ class GenerateOutput:
 
 
 class _Sampler:
-    """Greedy (temperature 0) or sampling from softmax(logits / temperature) over the top_k."""
+    """Greedy (temperature 0) or sampling from softmax(logits / temperature) over the top_k
+    tokens and the smallest set whose probability reaches top_p (nucleus sampling)."""
 
-    def __init__(self, temperature: float, top_k: Optional[int], generator):
+    def __init__(self, temperature: float, top_k: Optional[int], generator, top_p: float = 1.0):
         self.temperature, self.top_k, self.generator = temperature, top_k, generator
+        self.top_p = top_p
 
     @property
     def greedy(self) -> bool:
@@ -78,7 +85,13 @@ class _Sampler:
         if self.top_k is not None:
             kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        return logits.softmax(-1)
+        probs = logits.softmax(-1)
+        if self.top_p < 1.0:  # keep each token whose more likely ones hold less than top_p
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= self.top_p
+            probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+            probs = probs / probs.sum(-1, keepdim=True)
+        return probs
 
     def draw(self, probs):
         """probs [A, V] -> token ids [A]."""
@@ -247,13 +260,16 @@ def _check(model, input_ids, max_new_tokens, speculative, temperature, top_k, pr
 
 
 def generate(model, input_ids, max_new_tokens: int, *, speculative: bool = False,
-             stop_token: Optional[int] = None, temperature: float = 0.0,
+             stop_token=None, temperature: float = 0.0,
              top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             prompt_lengths=None, tree=None) -> GenerateOutput:
+             prompt_lengths=None, tree=None, top_p: float = 1.0) -> GenerateOutput:
     """input_ids [B, P]: prompts (right-padded when prompt_lengths [B] gives their lengths).
-    Each sequence gets max_new_tokens tokens, or fewer up to and including stop_token.
+    Each sequence gets max_new_tokens tokens, or fewer up to and including its first stop token
+    (stop_token: a token id or several; after a stop the first of them repeats).
     tree (greedy speculative decoding, a model with forward_tree): a DraftTree or its rank
     paths; default the model's `draft_tree` when it has one, else each head's top draft."""
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     tree = _tree(model, tree, speculative, temperature,
                  model.cfg.max_seq_len - input_ids.shape[-1] - max_new_tokens)
     lens = _check(model, input_ids, max_new_tokens, speculative, temperature, top_k,
@@ -262,22 +278,31 @@ def generate(model, input_ids, max_new_tokens: int, *, speculative: bool = False
     if B > 1 and not getattr(model, "per_row_positions", False):
         outs = [generate(model, input_ids[b:b + 1, :int(lens[b])], max_new_tokens,
                          speculative=speculative, stop_token=stop_token,
-                         temperature=temperature, top_k=top_k, generator=generator)
+                         temperature=temperature, top_k=top_k, generator=generator, top_p=top_p)
                 for b in range(B)]
         return _stack(outs, stop_token)
     was_training = model.training
     model.eval()
     try:
         return _decode(model, input_ids, lens, max_new_tokens, speculative, stop_token,
-                       _Sampler(temperature, top_k, generator), tree)
+                       _Sampler(temperature, top_k, generator, top_p), tree)
     finally:
         model.train(was_training)
+
+
+def _stop_tokens(stop_token) -> List[int]:
+    """stop_token (None, a token id or several) as a list of ids."""
+    if stop_token is None:
+        return []
+    if isinstance(stop_token, int) or (torch.is_tensor(stop_token) and stop_token.dim() == 0):
+        return [int(stop_token)]
+    return [int(t) for t in stop_token]
 
 
 def _stack(outs, stop_token) -> GenerateOutput:
     """One GenerateOutput of a batch from those of its sequences decoded one at a time."""
     width = max(o.tokens.shape[1] for o in outs)
-    pad = 0 if stop_token is None else stop_token
+    pad = _stop_tokens(stop_token)[0] if _stop_tokens(stop_token) else 0
     tokens = torch.full((len(outs), width), pad, dtype=outs[0].tokens.dtype,
                         device=outs[0].tokens.device)
     for b, o in enumerate(outs):
@@ -297,13 +322,15 @@ class _Decoding:
     logits at that place), the tokens made so far, and the tallies of the output."""
 
     def __init__(self, model, input_ids, lens, max_new, heads, stop_token, sampler):
-        self.model, self.heads, self.stop, self.sampler = model, heads, stop_token, sampler
+        self.model, self.heads, self.sampler = model, heads, sampler
+        stops = _stop_tokens(stop_token)
+        self.stop = torch.tensor(stops, device=input_ids.device) if stops else None
         self.max_new = max_new
         n, dev = model.cfg.n_future, input_ids.device
         B = input_ids.shape[0]
         self.per_row = getattr(model, "per_row_positions", False)
         self.caches = model.new_caches(B)
-        self.pad = 0 if stop_token is None else stop_token
+        self.pad = stops[0] if stops else 0
         self.gen = torch.full((B, max_new + n), self.pad, dtype=input_ids.dtype, device=dev)
         self.made = torch.zeros(B, dtype=torch.long, device=dev)  # a stop token included
         self.fwd = torch.zeros(B, dtype=torch.long, device=dev)   # forwards per sequence
@@ -333,7 +360,7 @@ class _Decoding:
         take = j[None, :] < torch.minimum(count, self.max_new - made)[:, None]
         hit = torch.zeros_like(take[:, 0])
         if self.stop is not None:  # nothing after the first stop token
-            is_stop = (tok == self.stop) & take
+            is_stop = torch.isin(tok, self.stop) & take
             take = take & ((is_stop.long().cumsum(1) - is_stop.long()) == 0)
             hit = is_stop.any(1)
         # integer indices only (no boolean mask: no host synchronisation); made + j < max_new + n

@@ -158,8 +158,8 @@ def test_speculative_decoding_is_greedy_decoding(family):
     mtp = make_mtp(family).eval()
     ids = prompts()
     want = mtp.model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
-    plain = mtp.generate(ids, 24, speculative=False)
-    spec = mtp.generate(ids, 24, speculative=True)
+    plain = mtp.generate(ids, 24, speculative=False, return_dict_in_generate=True)
+    spec = mtp.generate(ids, 24, speculative=True, return_dict_in_generate=True)
     assert torch.equal(plain.tokens, want)
     assert torch.equal(spec.tokens, want)
     # the sequences of a batch are decoded one at a time (the cache has one length)
@@ -173,7 +173,7 @@ def test_speculative_decoding_accepts_and_rejects():
     last layer draft right), so both branches of the acceptance are exercised above."""
     accepted = proposed = 0
     for family in CONFIGS:
-        out = make_mtp(family).eval().generate(prompts(), 24)
+        out = make_mtp(family).eval().generate(prompts(), 24, return_dict_in_generate=True)
         accepted += sum(out.head_accepted)
         proposed += sum(out.head_proposed)
     assert 0 < accepted < proposed

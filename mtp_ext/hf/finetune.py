@@ -87,7 +87,7 @@ def run(n_future: int = 4, steps: int = 300, batch: int = 8, seq_len: int = 256,
     for k, (b, a) in enumerate(zip(before, after)):
         log(f"head {k} (token t+{k + 1}): validation loss {b:.3f} -> {a:.3f}")
     ids = torch.tensor([list(prompt.encode())], device=mtp.device)
-    gen = mtp.generate(ids, new_tokens, speculative=True)
+    gen = mtp.generate(ids, max_new_tokens=new_tokens, return_dict_in_generate=True)
     text = bytes(gen.tokens[0, ids.shape[1]:].tolist()).decode("utf-8", "replace")
     log(f"trained {steps} steps in {seconds:.1f} s; speculative decoding of {prompt!r}: "
         f"{gen.tokens_per_forward:.2f} tokens per forward, {text!r}")

@@ -2,7 +2,7 @@
 
     mtp = MTPForCausalLM.from_causal_lm(model, n_future=4)
     out = mtp(input_ids, attention_mask=mask, labels=labels)   # out.loss, out.head_losses
-    mtp.generate(input_ids, 64, speculative=True)               # drafted by the heads
+    mtp.generate(input_ids, max_new_tokens=64, do_sample=False)  # drafted by the heads
 
 The base model's last decoder layer is head 0; heads 1..n-1 are copies of it (same class, same
 initial weights) that read the same input (the trunk: the output of the layer before) and
@@ -25,7 +25,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.utils import ModelOutput
 
-from ..generate import GenerateOutput, generate
+from ..generate import _stack, generate
+from . import generation
 from ..loss import mtp_loss
 from .fused_loss import _supported, softcap_of
 
@@ -216,18 +217,40 @@ class MTPForCausalLM(nn.Module):
     # -- decoding ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, speculative: bool = True,
-                 stop_token: Optional[int] = None, temperature: float = 0.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None
-                 ) -> GenerateOutput:
-        """Decoding with the model's KV cache (mtp_ext.generate's loop): speculative=True drafts
-        n-1 tokens with heads 1.. and keeps the longest prefix head 0 confirms, one forward per
-        step; greedy, the same tokens as greedy decoding with head 0 (the base model); with a
-        temperature, speculative sampling. The prompt is [B, P] without padding; the sequences
-        of a batch are decoded one after the other (the model's cache has one length)."""
-        return generate(_Decoder(self), input_ids, max_new_tokens, speculative=speculative,
-                        stop_token=stop_token, temperature=temperature, top_k=top_k,
-                        generator=generator)
+    def generate(self, input_ids: torch.Tensor = None, generation_config=None, *,
+                 attention_mask: Optional[torch.Tensor] = None, speculative: bool = True,
+                 generator: Optional[torch.Generator] = None, **kwargs):
+        """transformers' generate for MTP: `generate(ids, max_new_tokens=64, do_sample=False)`,
+        decoded with the model's KV cache through mtp_ext.generate's loop. speculative=True
+        drafts n-1 tokens with heads 1.. and keeps the longest prefix head 0 confirms, one
+        forward per step: greedy, the same tokens as the base model's greedy decoding; sampled
+        (do_sample, temperature, top_k, top_p), speculative sampling, the distribution of plain
+        sampling. Takes a GenerationConfig (default the base model's) and the keyword arguments
+        max_new_tokens, max_length, do_sample, temperature, top_k, top_p, eos_token_id (one or
+        several), pad_token_id, return_dict_in_generate, and attention_mask for left-padded
+        prompts; any other is a ValueError naming it. The second positional argument may be
+        max_new_tokens. Returns the sequences [B, P + new] as transformers does (each input row
+        as given, its tokens, pad_token_id after its end), or with return_dict_in_generate an
+        mtp_ext GenerateOutput (`.sequences`, and tokens per forward, per-head acceptance).
+        The sequences of a batch are decoded one after the other (the cache has one length)."""
+        if isinstance(generation_config, int):  # generate(ids, 64)
+            kwargs["max_new_tokens"], generation_config = generation_config, None
+        if input_ids is None or not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            raise ValueError(f"MTPForCausalLM.generate: input_ids must be a [B, P] tensor, got "
+                             f"{type(input_ids).__name__}")
+        s = generation.resolve(getattr(self.model, "generation_config", None), generation_config,
+                               kwargs, input_ids.shape[1])
+        decoder = _Decoder(self)
+        outs = [generate(decoder, p, s.max_new_tokens, speculative=speculative,
+                         stop_token=s.eos or None, temperature=s.temperature, top_k=s.top_k,
+                         top_p=s.top_p, generator=generator)
+                for p in generation.prompts_of(input_ids, attention_mask)]
+        seqs = generation.sequences(input_ids, outs, s.pad)
+        if not s.return_dict:
+            return seqs
+        out = _stack(outs, s.eos or None)
+        out.tokens, out.lengths = seqs, input_ids.shape[1] + out.sequence_tokens
+        return out
 
     # -- saving --------------------------------------------------------------------------------
 
