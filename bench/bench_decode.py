@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from mtp_ext.generate import DRAFT_TREE_NODES, DraftTree, chain
-from mtp_ext import tokenizer as tokenizers
+from mtp_ext.decoding.generate import DRAFT_TREE_NODES, DraftTree, chain
+from mtp_ext.training import tokenizer as tokenizers
 from mtp_ext.benchmark import time_step
-from mtp_ext.distributed import DEVICES, pick_device
-from mtp_ext.train import calibrate_draft_tree, eval_batches, load_corpus_files, load_model
+from mtp_ext.training.distributed import DEVICES, pick_device
+from mtp_ext.training.train import calibrate_draft_tree, eval_batches, load_corpus_files, load_model
 
 
 @torch.no_grad()
@@ -50,7 +50,7 @@ def step_costs(model, prompt, tree, repeats: int = 50):
 def linear_costs(model, rows=(1, 4, 25), repeats: int = 200):
     """Median microseconds of one decoding product (the MLP's gate/up weight) for a few rows:
     ATen's F.linear against the oneDNN-prepacked product of cached decoding."""
-    from mtp_ext.packed_linear import available, linear, packed_linears
+    from mtp_ext.decoding.packed_linear import available, linear, packed_linears
     w = model.trunk[0].mlp.gate_up.weight
     out = {}
     for r in rows:

@@ -25,9 +25,9 @@ import sys
 import torch
 
 import mtp_ext
-from mtp_ext import tokenizer as tokenizers
+from mtp_ext.training import tokenizer as tokenizers
 from mtp_ext.benchmark import time_step
-from mtp_ext.train import eval_batches, load_corpus_files, load_model
+from mtp_ext.training.train import eval_batches, load_corpus_files, load_model
 
 
 def rel_err(a, b):

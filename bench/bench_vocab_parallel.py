@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mtp_ext
-from mtp_ext import distributed as mdist, vocab_parallel
+from mtp_ext import vocab_parallel
+from mtp_ext.training import distributed as mdist
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

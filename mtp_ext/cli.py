@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from .distributed import DEVICES
+from .training.distributed import DEVICES
 
 HELP = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
 
@@ -132,18 +132,18 @@ def bench(args) -> int:
 def train(args) -> int:
     import json
     from dataclasses import fields
-    from .train import TrainArgs, train as run
+    from .training.train import TrainArgs, train as run
     a = TrainArgs(**{f.name: getattr(args, f.name) for f in fields(TrainArgs)})
     summary = run(a)
     if summary["rank"] == 0:
         with open(f"{a.out}/summary.json", "w") as f:
             json.dump(summary, f, indent=1)
-    from .distributed import end_rank
+    from .training.distributed import end_rank
     return end_rank(0)  # checkpoint and summary are written and closed: see end_rank
 
 
 def _add_train(sub):
-    from .train import TrainArgs
+    from .training.train import TrainArgs
     d = TrainArgs()
     t = sub.add_parser("train", formatter_class=HELP,
                        help="train a byte-level MTP model (default corpus: the Python standard "
@@ -201,10 +201,10 @@ def _add_train(sub):
 
 
 def generate(args) -> int:
-    from . import tokenizer as tokenizers
-    from .generate import chain
-    from .distributed import pick_device
-    from .train import calibrate_draft_tree, load_corpus_files, load_model
+    from .training import tokenizer as tokenizers
+    from .decoding.generate import chain
+    from .training.distributed import pick_device
+    from .training.train import calibrate_draft_tree, load_corpus_files, load_model
     device = pick_device(args.device)
     model, ckpt = load_model(args.checkpoint)
     model.to(device)
@@ -278,7 +278,7 @@ def _add_generate(sub):
 
 
 def convert_checkpoint(args) -> int:
-    from .checkpoint import convert_checkpoint as convert
+    from .training.checkpoint import convert_checkpoint as convert
     dropped, dst = convert(args.src, args.dst, args.allow)
     print(f"{dst}: {args.src} in plain types, readable by the safe loader"
           + (f" (dropped entries: {', '.join(dropped)})" if dropped else ""))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .outputs import MTPLossOutput
-from .packed_linear import Linear, linear, packed_linears
+from .decoding.packed_linear import Linear, linear, packed_linears
 
 LOSS_IMPLS = ("fused", "reference")
 
@@ -270,7 +270,7 @@ class MTPTransformer(nn.Module):
         return ([new(1, p.dtype) for _ in range(c.n_layers + 1)]
                 + ([new(c.n_future - 1, self._draft_dtype())] if c.n_future > 1 else []))
 
-    per_row_positions = True  # forward_cached takes positions per sequence (mtp_ext.generate)
+    per_row_positions = True  # forward_cached takes positions per sequence (mtp_ext.decoding.generate)
 
     def forward_cached(self, input_ids, caches, heads: Optional[int] = None, positions=None):
         """Runs the T new tokens input_ids [B, T] after the positions the caches hold (adding
@@ -300,7 +300,7 @@ class MTPTransformer(nn.Module):
 
     def forward_tree(self, tokens, caches, positions, depth, visible):
         """The trunk and head 0 on a tree of candidate tokens after each sequence's cached
-        positions (greedy tree drafting, mtp_ext.generate): tokens [B, T], node 0 the root;
+        positions (greedy tree drafting, mtp_ext.decoding.generate): tokens [B, T], node 0 the root;
         depth [T] of each node (its RoPE position is positions + depth); visible [T, T] bool,
         node i sees node j (j is i or an ancestor of i). Node j's keys and values go to slot
         positions + j of the trunk's and head 0's caches (commit_path moves a kept path into
@@ -373,7 +373,7 @@ class MTPTransformer(nn.Module):
         return torch.stack([self.head_logits(first + i, hi) for i, hi in enumerate(h)])
 
     draft_dtype: Optional[torch.dtype] = None  # of the draft heads in cached decoding
-    draft_tree = None  # rank paths of greedy tree drafting (mtp_ext.generate); None: the chain
+    draft_tree = None  # rank paths of greedy tree drafting (mtp_ext.decoding.generate); None: the chain
 
     def _draft_dtype(self) -> torch.dtype:
         """The draft heads' dtype in cached decoding: draft_dtype when set; by default bf16 for
@@ -434,8 +434,8 @@ class MTPTransformer(nn.Module):
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  prompt_lengths=None, tree=None):
         """Plain or self-speculative decoding, greedy or sampled (temperature / top_k), greedy
-        with a tree of drafts; see mtp_ext.generate."""
-        from .generate import generate
+        with a tree of drafts; see mtp_ext.decoding.generate."""
+        from .decoding.generate import generate
         return generate(self, input_ids, max_new_tokens, speculative=speculative,
                         stop_token=stop_token, temperature=temperature, top_k=top_k,
                         generator=generator, prompt_lengths=prompt_lengths, tree=tree)

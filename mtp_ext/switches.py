@@ -28,7 +28,7 @@ _packed_decoding = {"0": "off"}.get(os.environ.get("MTP_EXT_PACKED_DECODING", ""
 
 
 def packed_decoding() -> bool:
-    """The packed_decoding switch, for mtp_ext.packed_linear (a cached value)."""
+    """The packed_decoding switch, for mtp_ext.decoding.packed_linear (a cached value)."""
     return _packed_decoding != "off"
 
 

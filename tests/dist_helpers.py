@@ -23,9 +23,9 @@ def run_ranks(fn, *args, world=2, timeout=240):
 
 def _entry(rank, world, init_file, fn, args):
     """One rank: joins the group, runs fn, and ends as `mtp-ext train` does under torchrun
-    (mtp_ext.distributed: init_process_group, shutdown, end_rank)."""
+    (mtp_ext.training.distributed: init_process_group, shutdown, end_rank)."""
     import torch
-    from mtp_ext import distributed as mdist
+    from mtp_ext.training import distributed as mdist
 
     torch.set_num_threads(1)  # two ranks on two cores
     mdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,

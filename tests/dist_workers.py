@@ -116,7 +116,7 @@ def _tiny_model(seed, per_head=False):
 def data_parallel_matches_single_process(rank, world, mode, per_head):
     """One training step (forward, backward, SGD with momentum) of a data-parallel model on this
     rank's share of a global batch against one process on the whole batch."""
-    from mtp_ext import distributed as mdist
+    from mtp_ext.training import distributed as mdist
     ctx = mdist.DistContext(rank, world)
     g = torch.Generator().manual_seed(11)
     x = torch.randint(0, 61, (2 * world, 16), generator=g)

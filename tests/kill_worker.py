@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from mtp_ext import train as T
+from mtp_ext.training import train as T
 from mtp_ext.cli import main
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtp_ext.checkpoint import UnsafeCheckpointError, read_checkpoint, write_checkpoint
+from mtp_ext.training.checkpoint import UnsafeCheckpointError, read_checkpoint, write_checkpoint
 from mtp_ext.cli import main as cli_main
-from mtp_ext.train import TrainArgs, load_corpus, load_model, train
+from mtp_ext.training.train import TrainArgs, load_corpus, load_model, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
 import bench_decode  # noqa: E402
@@ -173,15 +173,15 @@ def test_data_folder_links_out_of_it_are_refused(corpus, tmp_path):
 
 
 def test_data_files_over_the_size_limit_are_refused(corpus, monkeypatch):
-    import mtp_ext.train as T
-    monkeypatch.setattr(T, "MAX_FILE_BYTES", 1000)
+    from mtp_ext.training import data
+    monkeypatch.setattr(data, "MAX_FILE_BYTES", 1000)
     with pytest.raises(ValueError, match="GiB a data file may have"):
         load_corpus(str(corpus))
 
 
 def test_a_corrupt_bpe_cache_is_a_clear_error(corpus, tmp_path):
     pytest.importorskip("tokenizers")
-    from mtp_ext import tokenizer as tokenizers
+    from mtp_ext.training import tokenizer as tokenizers
     parts = [p.read_bytes() for p in sorted(corpus.glob("*.py"))]
     tokenizers.for_training("bpe", 300, parts, tmp_path, log=lambda *_: None)
     (cache,) = tmp_path.glob("tokenizer-bpe-300-*.json")

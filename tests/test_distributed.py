@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from dist_helpers import run_ranks
-from mtp_ext import run_dir
+from mtp_ext.training import run_dir
 import dist_workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -129,7 +129,7 @@ def test_torchrun_training_matches_single_process_and_resumes_exactly(mode, kill
 
 GROUP_FREED_SCRIPT = """
 import os, sys, torch
-from mtp_ext import distributed as mdist
+from mtp_ext.training import distributed as mdist
 from mtp_ext.model import MTPConfig, MTPTransformer
 torch.set_num_threads(1)
 threads = lambda: len(os.listdir("/proc/self/task"))
@@ -149,7 +149,7 @@ with open(os.path.join(sys.argv[2], f"rank{ctx.rank}.txt"), "w") as f:  # not st
 
 @pytest.mark.slow
 def test_ddp_shutdown_frees_the_process_group(tmp_path):
-    """The cause of the abort at exit (mtp_ext.distributed): after shutdown, no gloo worker
+    """The cause of the abort at exit (mtp_ext.training.distributed): after shutdown, no gloo worker
     thread is left for the interpreter's finalization to meet (it fails without the early import
     of torch.distributed.nn in mdist.init_process_group)."""
     script = tmp_path / "group_freed.py"

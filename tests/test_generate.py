@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mtp_ext.model import MTPConfig, MTPTransformer
-from mtp_ext.train import TrainArgs, load_model, train
+from mtp_ext.training.train import TrainArgs, load_model, train
 
 
 def tiny(seed=0, **kw):
@@ -127,8 +127,8 @@ def test_generate_errors():
 def test_cli_generate(trained, tmp_path, capsys):
     from mtp_ext.cli import main as cli_main
     ckpt = tmp_path / "ckpt.pt"
-    from mtp_ext.train import TrainArgs
-    import mtp_ext.train as T
+    from mtp_ext.training.train import TrainArgs
+    import mtp_ext.training.train as T
     model = copy.deepcopy(trained).float()  # the fixture is shared: leave it in float64
     opt = torch.optim.AdamW(model.parameters())
     T.save_checkpoint(ckpt, model, opt, 1, TrainArgs(), torch.Generator())
@@ -255,7 +255,7 @@ def test_tree_forward_gives_the_logits_of_each_path():
     the node's path of tokens (tree mask, RoPE positions by depth); after commit_path of a
     path, draft_forward's logits are the draft heads' of the full forward, and so is the next
     step's verification."""
-    from mtp_ext.generate import DraftTree
+    from mtp_ext.decoding.generate import DraftTree
     model = tiny(seed=2)
     tree = DraftTree(TREE, 4)
     g = torch.Generator().manual_seed(3)
@@ -324,7 +324,7 @@ def test_tree_decoding_equals_greedy(which, request):
 def test_tree_acceptance_follows_the_kept_node():
     """DraftTree.accept keeps a child of the node kept so far: where siblings' children carry
     the same token, the child of the kept sibling, and it stops where no child matches."""
-    from mtp_ext.generate import DraftTree
+    from mtp_ext.decoding.generate import DraftTree
     tree = DraftTree([(0,), (1,), (0, 0), (1, 0), (1, 0, 0)], 4)
     assert [p for p in tree.paths] == [(0,), (1,), (0, 0), (1, 0), (1, 0, 0)]
     #                    root (0,) (1,) (0,0) (1,0) (1,0,0)
@@ -341,7 +341,7 @@ def test_tree_acceptance_follows_the_kept_node():
 
 
 def test_draft_tree_errors():
-    from mtp_ext.generate import DraftTree
+    from mtp_ext.decoding.generate import DraftTree
     model = tiny()
     p = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"path \(0, 1\) lacks its prefix \(0,\)"):
@@ -363,7 +363,7 @@ def test_draft_tree_errors():
 def test_calibrated_tree(trained):
     """calibrate_tree: the most frequent rank paths (at most `nodes`), prefixes included; the
     top drafts first on a model that drafts well; decoding with it gives greedy's tokens."""
-    from mtp_ext.generate import calibrate_tree
+    from mtp_ext.decoding.generate import calibrate_tree
     model = tiny(seed=3)
     prompts = torch.randint(0, 48, (3, 6), generator=torch.Generator().manual_seed(9))
     paths = calibrate_tree(model, prompts, nodes=10, new_tokens=40)
@@ -400,7 +400,8 @@ def test_packed_linears_and_bf16_drafts():
     fp32 rounding, and the packed product is the one that runs (counted); a changed weight is
     packed again. bf16 draft heads leave the output of greedy decoding unchanged."""
     from torch.profiler import profile
-    from mtp_ext import packed_linear, switches
+    from mtp_ext import switches
+    from mtp_ext.decoding import packed_linear
     if not packed_linear.available():
         pytest.skip("torch without oneDNN")
     model = tiny(seed=4).float()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from mtp_ext.generate import _Sampler  # noqa: E402
+from mtp_ext.decoding.generate import _Sampler  # noqa: E402
 
 from test_hf import V  # noqa: E402
 from test_hf_mtp import make_mtp, prompts  # noqa: E402

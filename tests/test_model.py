@@ -9,7 +9,7 @@ import mtp_ext
 from mtp_ext import reference
 from mtp_ext.cli import main as cli_main
 from mtp_ext.model import MTPConfig, MTPTransformer
-from mtp_ext.train import TrainArgs, evaluate, load_corpus, load_model, train
+from mtp_ext.training.train import TrainArgs, evaluate, load_corpus, load_model, train
 
 
 def tiny(**kw):

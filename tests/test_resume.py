@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtp_ext import run_dir
-from mtp_ext.checkpoint import read_checkpoint
+from mtp_ext.training import run_dir
+from mtp_ext.training.checkpoint import read_checkpoint
 from mtp_ext.cli import main as cli_main
 
 WORKER = str(Path(__file__).with_name("kill_worker.py"))

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from mtp_ext import tokenizer as tokenizers
+from mtp_ext.training import tokenizer as tokenizers
 from mtp_ext.cli import main as cli_main
-from mtp_ext.train import TrainArgs, load_corpus, load_corpus_files, load_model, train
+from mtp_ext.training.train import TrainArgs, load_corpus, load_corpus_files, load_model, train
 
 pytest.importorskip("tokenizers")
 

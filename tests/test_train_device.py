@@ -12,7 +12,7 @@ import torch
 from conftest import HAS_CUDA, needs_cuda
 from mtp_ext.cli import main as cli_main
 from mtp_ext.model import MTPTransformer
-from mtp_ext.train import TrainArgs, load_model, train
+from mtp_ext.training.train import TrainArgs, load_model, train
 
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 SMALL = ["--steps", "3", "--batch-size", "2", "--seq-len", "48", "--d-model", "32", "--layers",

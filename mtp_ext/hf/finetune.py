@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 import transformers
 
-from ..train import eval_batches, load_corpus
+from ..training.data import eval_batches, load_corpus
 from .mtp_model import MTPForCausalLM
 
 

@@ -1,5 +1,5 @@
 """transformers' generate arguments for MTPForCausalLM.generate: a GenerationConfig (the given
-one, else the model's own) and keyword arguments over it, resolved to what mtp_ext.generate
+one, else the model's own) and keyword arguments over it, resolved to what mtp_ext.decoding.generate
 takes, with the output shaped as transformers shapes it (left-padded prompts kept as they are,
 `pad_token_id` after each sequence's end). An argument it cannot honour is a ValueError naming
 it, never silently ignored."""

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.utils import ModelOutput
 
-from ..generate import _stack, generate
+from ..decoding.generate import _stack, generate
 from . import generation
 from ..loss import mtp_loss
 from .fused_loss import _supported, softcap_of
@@ -221,7 +221,7 @@ class MTPForCausalLM(nn.Module):
                  attention_mask: Optional[torch.Tensor] = None, speculative: bool = True,
                  generator: Optional[torch.Generator] = None, **kwargs):
         """transformers' generate for MTP: `generate(ids, max_new_tokens=64, do_sample=False)`,
-        decoded with the model's KV cache through mtp_ext.generate's loop. speculative=True
+        decoded with the model's KV cache through mtp_ext.decoding.generate's loop. speculative=True
         drafts n-1 tokens with heads 1.. and keeps the longest prefix head 0 confirms, one
         forward per step: greedy, the same tokens as the base model's greedy decoding; sampled
         (do_sample, temperature, top_k, top_p), speculative sampling, the distribution of plain
@@ -290,7 +290,7 @@ class MTPForCausalLM(nn.Module):
 
 
 class _Decoder:
-    """MTPForCausalLM as mtp_ext.generate's loop sees a model: cfg, new_caches, forward_cached."""
+    """MTPForCausalLM as mtp_ext.decoding.generate's loop sees a model: cfg, new_caches, forward_cached."""
 
     def __init__(self, mtp: MTPForCausalLM):
         self.mtp = mtp

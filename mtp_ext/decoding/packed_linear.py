@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import switches
+from .. import switches
 
 _state = threading.local()
 _DTYPES = (torch.float32, torch.bfloat16)

@@ -4,11 +4,11 @@
     OUT/checkpoint.pt                  the finished run's (what `generate` reads): a hard link
                                        to its step file where the filesystem allows, else a copy
 
-Each file is written atomically (mtp_ext.checkpoint.write_checkpoint: a temporary file, then a
+Each file is written atomically (mtp_ext.training.checkpoint.write_checkpoint: a temporary file, then a
 rename), so a run killed at any moment, mid-save included, leaves only complete files (and a
 `*.tmp` that the next run removes). `--resume` takes the newest step file that reads; a file
 that does not (truncated by a copy or a full disk) is reported and the one before it is used.
-A file that the safe loader refuses (mtp_ext.checkpoint.UnsafeCheckpointError) is never skipped:
+A file that the safe loader refuses (mtp_ext.training.checkpoint.UnsafeCheckpointError) is never skipped:
 it stops the run."""
 from __future__ import annotations
 
