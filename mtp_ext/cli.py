@@ -179,6 +179,12 @@ def _add_train(sub):
                    "SIGTERM or Ctrl-C: the step ends, a checkpoint is written, exit 0")
     t.add_argument("--keep", type=int, default=d.keep,
                    help="the newest K checkpoints of OUT/checkpoints/ are kept")
+    t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from a trained model (its weights, shape and tokenizer; a new "
+                   "optimizer, step 0); --n-future more heads than it has: copies of its head 0")
+    t.add_argument("--freeze-base", action="store_true",
+                   help="heads-only training (with --init-from): the embedding, trunk, head 0, "
+                   "final norm and unembedding frozen, under no_grad; heads 1..n-1 train")
     t.add_argument("--device", default=d.device, choices=DEVICES,
                    help="where the model, batches and evaluation run (auto: CUDA where torch "
                    "sees a GPU; under torchrun, each rank's LOCAL_RANK GPU, with nccl)")

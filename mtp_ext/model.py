@@ -4,6 +4,7 @@ to the embedding, or one per head). Head 0 is the ordinary next-token head; head
 token k + 1 positions ahead."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Optional
@@ -236,6 +237,36 @@ class MTPTransformer(nn.Module):
         w = self.unembedding
         return linear(h, w[k] if w.dim() == 3 else w)
 
+    base_frozen = False  # freeze_base(): heads 1..n-1 train on a fixed next-token model
+
+    def base_parameters(self, unembedding: bool = True):
+        """What predicts the next token: embedding, trunk, head 0, final norm and (with
+        `unembedding`) the shared unembedding."""
+        yield from self.embed.parameters()
+        yield from self.trunk.parameters()
+        yield from self.heads[0].parameters()
+        yield from self.norm.parameters()
+        if unembedding and not self.cfg.tie_embeddings:
+            yield self.unembed
+
+    def freeze_base(self, frozen: bool = True, *, train_unembedding: bool = False):
+        """Heads-only training (Medusa-1's recipe; MTP heads added to a trained model): the
+        base (base_parameters) gets no gradient and runs under no_grad in the forward, so it
+        keeps no activations for backward; heads 1..n-1 train on the base's trunk output,
+        through the frozen final norm and the shared unembedding (frozen too, unless
+        train_unembedding: a separate one then trains, which changes head 0's logits as well).
+        Give the optimizer `[p for p in model.parameters() if p.requires_grad]`."""
+        if self.cfg.per_head_unembedding:
+            raise ValueError("freeze_base: a per-head unembedding is one parameter for every "
+                             "head, head 0's included; freeze it or train it whole")
+        if train_unembedding and self.cfg.tie_embeddings:
+            raise ValueError("freeze_base(train_unembedding=True): the unembedding is the "
+                             "embedding (tie_embeddings), which the base needs frozen")
+        self.base_frozen = frozen
+        for p in self.base_parameters(unembedding=not train_unembedding):
+            p.requires_grad_(not frozen)
+        return self
+
     def forward(self, input_ids, labels=None, *, loss_impl="fused", return_logits=None):
         """input_ids [B, T]. With labels ([B, T], usually input_ids): the MTP loss, head k at
         position t predicting labels[:, t + k + 1]. return_logits (default: when no labels):
@@ -244,8 +275,10 @@ class MTPTransformer(nn.Module):
             raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        x, cos, sin = self.trunk_forward(input_ids)
-        hs = [self.head_forward(k, x, cos, sin) for k in range(self.cfg.n_future)]
+        with torch.no_grad() if self.base_frozen else contextlib.nullcontext():
+            x, cos, sin = self.trunk_forward(input_ids)
+            h0 = self.head_forward(0, x, cos, sin)
+        hs = [h0] + [self.head_forward(k, x, cos, sin) for k in range(1, self.cfg.n_future)]
         loss = None
         if labels is not None:
             from . import loss as fused, reference

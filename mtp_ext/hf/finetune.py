@@ -61,13 +61,14 @@ def small_llama(vocab_size: int = 256, hidden: int = 256, layers: int = 4, heads
 
 def run(n_future: int = 4, steps: int = 300, batch: int = 8, seq_len: int = 256,
         hidden: int = 256, layers: int = 4, lr: float = 3e-3, seed: int = 0, bf16: bool = False,
-        checkpointing: bool = False,
+        checkpointing: bool = False, freeze_base: bool = False,
         val_batches: int = 8, out: Optional[str] = None, data: Optional[str] = None,
         prompt: str = "    def __init__(self", new_tokens: int = 64, log=print) -> dict:
     torch.manual_seed(seed)
     train_data, val_data, what = load_corpus(data)
     log(f"corpus: {what}")
-    mtp = MTPForCausalLM.from_causal_lm(small_llama(hidden=hidden, layers=layers), n_future)
+    mtp = MTPForCausalLM.from_causal_lm(small_llama(hidden=hidden, layers=layers), n_future,
+                                        freeze_base=freeze_base)
     val = eval_batches(val_data, val_batches, batch, seq_len)
     before = head_losses(mtp, val)
     scratch = tempfile.TemporaryDirectory()  # Trainer's output_dir when nothing is saved
@@ -111,11 +112,14 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="Trainer's bf16 mixed precision")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--freeze-base", action="store_true",
+                   help="heads-only: the base model frozen, heads 1..n-1 train")
     p.add_argument("--data", help="a folder of text files (default: the standard library)")
     p.add_argument("--out", help="save the trained model here")
     a = p.parse_args(argv)
     run(n_future=a.n_future, steps=a.steps, batch=a.batch, seq_len=a.seq_len, hidden=a.hidden,
-        layers=a.layers, lr=a.lr, seed=a.seed, bf16=a.bf16, checkpointing=a.checkpointing, data=a.data, out=a.out)
+        layers=a.layers, lr=a.lr, seed=a.seed, bf16=a.bf16, checkpointing=a.checkpointing,
+        freeze_base=a.freeze_base, data=a.data, out=a.out)
 
 
 if __name__ == "__main__":

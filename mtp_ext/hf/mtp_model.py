@@ -11,6 +11,7 @@ output embedding, which all heads share. The loss is mtp_loss over the n heads' 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -91,7 +92,7 @@ class MTPForCausalLM(nn.Module):
 
     def __init__(self, model: nn.Module, n_future: int = 4, *,
                  head_weights: Optional[Sequence[float]] = None,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, freeze_base: bool = False):
         super().__init__()
         _supported(model)
         if not isinstance(n_future, int) or n_future < 1:
@@ -110,6 +111,22 @@ class MTPForCausalLM(nn.Module):
             head.__dict__.pop("_mtp_ext_capture", None)
         if _capture_call not in last._forward_pre_hooks.values():
             last.register_forward_pre_hook(_capture_call, with_kwargs=True)
+        self.base_frozen = False
+        if freeze_base:
+            self.freeze_base()
+
+    def freeze_base(self, frozen: bool = True) -> "MTPForCausalLM":
+        """Heads-only training (Medusa-1's recipe, FastMTP): the base model, its output
+        embedding and final norm included, gets no gradient and runs under no_grad, so it keeps
+        no activations for backward; heads 1..n-1 train on its trunk output. Trainer's optimizer
+        takes only parameters that require gradients; in a plain loop pass
+        `[p for p in mtp.parameters() if p.requires_grad]`."""
+        if frozen and self.n_future < 2:
+            raise ValueError("freeze_base: n_future is 1, there is no head to train")
+        self.base_frozen = frozen
+        for p in self.model.parameters():
+            p.requires_grad_(not frozen)
+        return self
 
     @classmethod
     def from_causal_lm(cls, model: nn.Module, n_future: int = 4, **kwargs) -> "MTPForCausalLM":
@@ -137,7 +154,8 @@ class MTPForCausalLM(nn.Module):
         last = layers[-1]
         last._mtp_ext_capture = n_heads > 1
         try:
-            out = self.model.base_model(input_ids, return_dict=True, **kwargs)
+            with torch.no_grad() if self.base_frozen else contextlib.nullcontext():
+                out = self.model.base_model(input_ids, return_dict=True, **kwargs)
         finally:
             last._mtp_ext_capture = False
             call = last.__dict__.pop("_mtp_ext_call", None)

@@ -118,12 +118,36 @@ class TrainArgs:
     # besides the last step's; the newest `keep` of them are kept (mtp_ext.training.run_dir)
     save_every: str = "5min"
     keep: int = 2
+    # heads-only training: the model (weights, shape, tokenizer) of a trained checkpoint, its
+    # base frozen (MTPTransformer.freeze_base); heads 1..n-1 train with a new optimizer
+    init_from: Optional[str] = None
+    freeze_base: bool = False
 
 
 # What a resumed run must share with the checkpoint's run: the model, the data and the batches.
 # The rest (steps, learning rate, evaluation, device, dtype, threads, ...) may change on resume.
 RESUME_MUST_MATCH = ("d_model", "layers", "attn_heads", "n_future", "seq_len", "batch_size",
-                     "seed", "data", "tokenizer", "vocab_size")
+                     "seed", "data", "tokenizer", "vocab_size", "freeze_base")
+SHAPE_ARGS = {"d_model": "d_model", "layers": "n_layers", "attn_heads": "n_heads"}
+# TrainArgs field -> MTPConfig field, taken from --init-from's model
+
+
+def with_heads(model: MTPTransformer, n_future: int) -> MTPTransformer:
+    """model with n_future heads: its first ones, and any more as copies of its head 0 (the
+    layer that predicts the next token), everything else shared as it is."""
+    if n_future == model.cfg.n_future:
+        return model
+    if model.cfg.per_head_unembedding:
+        raise ValueError("--n-future: a model with a per-head unembedding keeps its heads")
+    from dataclasses import replace
+    grown = MTPTransformer(replace(model.cfg, n_future=n_future))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    for k in range(n_future):
+        src = k if k < model.cfg.n_future else 0
+        state.update({f"heads.{k}.{name}": v for name, v in
+                      model.heads[src].state_dict().items()})
+    grown.load_state_dict(state)
+    return grown
 
 
 def parse_save_every(text: str) -> Tuple[str, float]:
@@ -236,6 +260,11 @@ def check_args(a: TrainArgs):
     parse_save_every(a.save_every)
     if a.keep < 1:
         raise ValueError(f"--keep must be at least 1, got {a.keep}")
+    if a.freeze_base and not (a.init_from or a.resume):
+        raise ValueError("--freeze-base trains the heads of a trained model: pass --init-from "
+                         "CHECKPOINT (or --resume a heads-only run)")
+    if a.freeze_base and a.n_future < 2:
+        raise ValueError("--freeze-base needs --n-future >= 2: heads 1.. are what trains")
 
 
 def check_resume(path: Path, ckpt: dict, a: TrainArgs):
@@ -297,9 +326,17 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     torch.manual_seed(a.seed)
     out = Path(a.out)
     found = _open_run(a, ctx, log)
+    init = None
+    if a.init_from and not found:
+        init = load_model(a.init_from)
+        for arg, field in SHAPE_ARGS.items():  # the run's settings say what it trains
+            setattr(a, arg, getattr(init[0].cfg, field))
+        if a.seq_len > init[0].cfg.max_seq_len:
+            raise ValueError(f"--seq-len {a.seq_len} exceeds the max_seq_len "
+                             f"{init[0].cfg.max_seq_len} of --init-from {a.init_from}")
     train_files, val_files, what = load_corpus_files(a.data)
-    if found:
-        tok = tokenizers.from_dict(found[1].get("tokenizer"))
+    if found or init:
+        tok = tokenizers.from_dict((found or init)[1].get("tokenizer"))
     else:
         tok = tokenizers.for_training(a.tokenizer, a.vocab_size, train_files, out, log)
     train_data, val_data = tok.encode_corpus(train_files), tok.encode_corpus(val_files)
@@ -310,16 +347,23 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     start, done_before = 0, {}
     if found:
         model, ckpt = load_model(str(found[0]), found[1])
+    elif init:
+        model = with_heads(init[0], a.n_future)
+        log(f"model from --init-from {a.init_from} (step {init[1].get('step')}, "
+            f"{init[0].cfg.n_future} heads; here {a.n_future}, any new one a copy of head 0): "
+            f"a new run at step 0")
     else:
         cfg = MTPConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.layers,
                         n_heads=a.attn_heads, n_future=a.n_future, max_seq_len=a.seq_len)
         model = MTPTransformer(cfg)  # the same seed on every rank: the same initial weights
     dev = ctx.device
+    if a.freeze_base:
+        model.freeze_base()
     core = model = model.to(dev)
     if ctx.enabled:
         model = mdist.wrap(model, a.parallel)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.95),
-                            weight_decay=a.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=a.lr, betas=(0.9, 0.95), weight_decay=a.weight_decay)
     if found:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
         set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=_state_options())
@@ -338,6 +382,10 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         + (f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda"
            else f"cpu, {torch.get_num_threads()} threads")
         + (f" x {ctx.world} ranks ({a.parallel}, {dist_backend()})" if ctx.enabled else ""))
+    if a.freeze_base:
+        log(f"heads-only: the base frozen, heads 1..{n - 1} train "
+            f"({sum(p.numel() for p in core.parameters() if p.requires_grad) / 1e6:.2f}M "
+            f"parameters)")
     val = [b.to(dev) for b in eval_batches(val_data, a.eval_batches, a.batch_size, a.seq_len)]
     history, first_losses = list(done_before.get("history", [])), done_before.get("first_step")
     tokens_before, seconds_before = done_before.get("tokens", 0), done_before.get("train_seconds", 0.0)
@@ -368,7 +416,7 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
             with amp():
                 out_ = model(xl, xl, loss_impl=a.loss_impl).loss
             out_.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             tokens += x.numel()
