@@ -206,6 +206,13 @@ def _add_train(sub):
                    help="torch threads (None: torch's default)")
 
 
+def experiment(args) -> int:
+    from .experiments.runner import main as run
+    if min(args.steps, args.seeds, args.test_count, *args.heads) < 1:
+        raise ValueError("--steps, --seeds, --test-count and --heads must be positive")
+    return run(args)
+
+
 def generate(args) -> int:
     from .training import tokenizer as tokenizers
     from .decoding.generate import chain
@@ -309,6 +316,19 @@ def main(argv=None) -> int:
     _add_train(sub)
     _add_generate(sub)
     _add_convert(sub)
+    x = sub.add_parser("experiment", formatter_class=HELP,
+                       help="MTP against next-token training on an algorithmic task (docs/"
+                       "experiments.md)")
+    x.add_argument("task", choices=["polynomial"],
+                   help="polynomial arithmetic over F7[X]/(X^5), as in Gloeckle et al. 2024")
+    x.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
+    x.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 per configuration")
+    x.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="values of n")
+    x.add_argument("--no-equal-compute", action="store_true",
+                   help="skip n = 1 trained for the FLOPs of the largest n")
+    x.add_argument("--test-count", type=int, default=500, help="held-out prompts per difficulty")
+    x.add_argument("--out", default=None, help="write the report's section into this markdown "
+                   "file (docs/experiments.md)")
     b = sub.add_parser("bench", formatter_class=HELP,
                        help="time and peak memory of the loss paths, side by side")
     b.add_argument("--preset", choices=["llm"], default=None,
@@ -345,7 +365,8 @@ def main(argv=None) -> int:
                    help="measure nothing: draw --plot from tables saved with --out")
     args = ap.parse_args(argv)
     args.argv = argv
-    commands = {"train": train, "generate": generate, "convert-checkpoint": convert_checkpoint}
+    commands = {"train": train, "generate": generate, "convert-checkpoint": convert_checkpoint,
+                "experiment": experiment}
     if args.cmd in commands:
         try:
             return commands[args.cmd](args)
