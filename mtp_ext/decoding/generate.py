@@ -302,7 +302,7 @@ def _stop_tokens(stop_token) -> List[int]:
 def _stack(outs, stop_token) -> GenerateOutput:
     """One GenerateOutput of a batch from those of its sequences decoded one at a time."""
     width = max(o.tokens.shape[1] for o in outs)
-    pad = _stop_tokens(stop_token)[0] if _stop_tokens(stop_token) else 0
+    pad = (_stop_tokens(stop_token) or [0])[0]
     tokens = torch.full((len(outs), width), pad, dtype=outs[0].tokens.dtype,
                         device=outs[0].tokens.device)
     for b, o in enumerate(outs):
@@ -321,7 +321,7 @@ class _Decoding:
     token of each (`nxt`, already emitted) and the logits it was decided from (`last`: the heads'
     logits at that place), the tokens made so far, and the tallies of the output."""
 
-    def __init__(self, model, input_ids, lens, max_new, heads, stop_token, sampler):
+    def __init__(self, model, input_ids, max_new, heads, stop_token, sampler):
         self.model, self.heads, self.sampler = model, heads, sampler
         stops = _stop_tokens(stop_token)
         self.stop = torch.tensor(stops, device=input_ids.device) if stops else None
@@ -487,7 +487,7 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
     n = model.cfg.n_future
     spec = speculative and n > 1
     t0 = time.perf_counter()
-    s = _Decoding(model, input_ids, lens, max_new, n if spec else 1, stop_token, sampler)
+    s = _Decoding(model, input_ids, max_new, n if spec else 1, stop_token, sampler)
     alive = _prefill(s, input_ids, lens)
     if tree is not None:
         step, s.last = _TreeSteps(tree, n, input_ids.device), s.last[1:]
