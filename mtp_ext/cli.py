@@ -208,8 +208,10 @@ def _add_train(sub):
 
 def experiment(args) -> int:
     from .experiments.runner import main as run
-    if min(args.steps, args.seeds, args.test_count, *args.heads) < 1:
-        raise ValueError("--steps, --seeds, --test-count and --heads must be positive")
+    given = [v for v in (args.steps, args.layers) if v is not None]
+    if min([args.seeds, args.test_count, *given, *(args.heads or []), *(args.sizes or [])]) < 1:
+        raise ValueError("--steps, --seeds, --test-count, --heads, --sizes and --layers must "
+                         "be positive")
     return run(args)
 
 
@@ -319,16 +321,26 @@ def main(argv=None) -> int:
     x = sub.add_parser("experiment", formatter_class=HELP,
                        help="MTP against next-token training on an algorithmic task (docs/"
                        "experiments.md)")
-    x.add_argument("task", choices=["polynomial"],
-                   help="polynomial arithmetic over F7[X]/(X^5), as in Gloeckle et al. 2024")
-    x.add_argument("--steps", type=int, default=1000, help="optimizer steps per run")
+    x.add_argument("task", choices=["polynomial", "induction"],
+                   help="polynomial: arithmetic over F7[X]/(X^5); induction: copying the second "
+                   "token of a repeated two-token name (both as in Gloeckle et al. 2024, sec. 4)")
+    x.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run (None: the task's, 1000 / 600)")
     x.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 per configuration")
-    x.add_argument("--heads", type=int, nargs="+", default=[1, 2, 4], help="values of n")
+    x.add_argument("--heads", type=int, nargs="+", default=None,
+                   help="values of n (None: the task's, 1 2 4 / 1 2 4)")
+    x.add_argument("--sizes", type=int, nargs="+", default=None,
+                   help="model sizes as d_model (None: the task's, 128 / 64 128)")
+    x.add_argument("--layers", type=int, default=None, help="trunk layers (None: the task's, 2)")
     x.add_argument("--no-equal-compute", action="store_true",
                    help="skip n = 1 trained for the FLOPs of the largest n")
-    x.add_argument("--test-count", type=int, default=500, help="held-out prompts per difficulty")
+    x.add_argument("--test-count", type=int, default=500,
+                   help="held-out prompts (polynomial: per difficulty) or sequences (induction)")
     x.add_argument("--out", default=None, help="write the report's section into this markdown "
-                   "file (docs/experiments.md)")
+                   "file (docs/experiments.md), its plot and run records into experiments/ "
+                   "beside it")
+    x.add_argument("--runs", default=None, help="the run records (JSON lines; None: "
+                   "experiments/TASK-runs.jsonl beside --out): runs found there are not run again")
     b = sub.add_parser("bench", formatter_class=HELP,
                        help="time and peak memory of the loss paths, side by side")
     b.add_argument("--preset", choices=["llm"], default=None,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import random
 import zlib
-from typing import List, Tuple
+from typing import Dict, List, Sequence, Tuple
+
+import torch
 
 P, DEGREE = 7, 5                     # coefficients in F7, polynomials mod X^5
 NEG, ADD, MUL, COMP, EQ, BOS = range(P, P + 6)
@@ -94,7 +96,79 @@ def max_len(m: int) -> int:
     return 2 + m + DEGREE * (m + 1) + ANSWER
 
 
-def describe() -> str:
-    return ("polynomial arithmetic over F7[X]/(X^5): negation, addition, multiplication and "
-            "composition in prefix notation, m operations; exact match of the 5 result "
-            "coefficients")
+IGNORE = -100
+
+
+def make_batch(rng: random.Random, ms: Sequence[int], size: int, length: int):
+    """size training sequences (inputs, labels [size, length]): labels on the answer only."""
+    x = torch.full((size, length), BOS, dtype=torch.long)
+    y = torch.full((size, length), IGNORE, dtype=torch.long)
+    for b in range(size):
+        prompt, answer = sample(rng, rng.choice(list(ms)), test=False)
+        seq = prompt + answer
+        x[b, :len(seq)] = torch.tensor(seq)
+        y[b, len(prompt):len(seq)] = torch.tensor(answer)
+    return x, y
+
+
+def test_set(m: int, count: int):
+    """The held-out prompts of difficulty m (the same for every run): padded [count, P], lengths,
+    answers [count, 5]."""
+    rng = random.Random(1_000_003 * m)
+    rows = [sample(rng, m, test=True) for _ in range(count)]
+    width = max(len(p) for p, _ in rows)
+    prompts = torch.full((count, width), BOS, dtype=torch.long)
+    for i, (p, _) in enumerate(rows):
+        prompts[i, :len(p)] = torch.tensor(p)
+    return prompts, [len(p) for p, _ in rows], torch.tensor([a for _, a in rows])
+
+
+@torch.no_grad()
+def exact_match(model, m: int, count: int, batch: int = 250) -> float:
+    """Head 0's greedy decoding of the 5 answer tokens, all right, on the held-out prompts."""
+    prompts, lens, answers = test_set(m, count)
+    hits = 0
+    for i in range(0, count, batch):
+        p, L = prompts[i:i + batch], lens[i:i + batch]
+        out = model.generate(p, ANSWER, prompt_lengths=L).tokens
+        got = torch.stack([out[j, l:l + ANSWER] for j, l in enumerate(L)])
+        hits += int((got == answers[i:i + batch]).all(1).sum())
+    return hits / count
+
+
+class Task:
+    """The experiment runner's view of the task (mtp_ext/experiments/runner.py)."""
+    name, title = "polynomial", "Polynomial arithmetic"
+    vocab = VOCAB
+    metric = "head 0's greedy decoding, exact match of the 5 result coefficients"
+    key_name = "m (operations; * out of domain)"
+    plot_title, plot_ylabel = "Polynomial arithmetic: exact match by difficulty", "exact match (%)"
+    # the runner's defaults: model sizes (d_model), trunk layers, steps, n, AdamW lr, batch
+    sizes, layers, steps, heads, lr, batch_size = [128], 2, 1000, [1, 2, 4], 2e-3, 128
+
+    def __init__(self, train_ms: Sequence[int] = (1, 2, 3, 4, 5),
+                 test_ms: Sequence[int] = (1, 2, 3, 4, 5, 6, 7), test_count: int = 500):
+        self.train_ms, self.test_ms, self.test_count = list(train_ms), list(test_ms), test_count
+        self.max_seq_len = max_len(max(self.train_ms + self.test_ms)) + 8
+        self.length = max_len(max(self.train_ms))
+
+    def settings(self) -> dict:
+        return dict(train_ms=self.train_ms, test_ms=self.test_ms, test_count=self.test_count)
+
+    def batch(self, rng: random.Random, size: int):
+        return make_batch(rng, self.train_ms, size, self.length)
+
+    def evaluate(self, model) -> Dict[str, float]:
+        return {str(m): exact_match(model, m, self.test_count) for m in self.test_ms}
+
+    def columns(self) -> List[Tuple[str, str]]:
+        return [(str(m), f"m={m}" + ("" if m in self.train_ms else " (out of domain)"))
+                for m in self.test_ms]
+
+    def describe(self) -> str:
+        return (f"Polynomial arithmetic over F7[X]/(X^5) (Gloeckle et al. 2024, sec. 4): "
+                f"negation, addition, multiplication and composition in prefix notation, m "
+                f"operations, then `=` and the 5 result coefficients; labels on the answer "
+                f"only. Trained on m in {self.train_ms} (uniform), tested on {self.test_count} "
+                f"held-out prompts per m (a hash of the prompt keeps 1 in {TEST_BUCKETS} out of "
+                f"training); {self.metric}.")

@@ -1,69 +1,31 @@
-"""`mtp-ext experiment polynomial`: the reference model trained with n = 1, 2, 4 heads on an
-algorithmic task, several seeds, head 0's greedy exact match per difficulty on held-out
-prompts, at equal steps and at equal training compute; the table written into
-docs/experiments.md (its own section, replaced on each run, with the command, machine and
-commit)."""
+"""`mtp-ext experiment TASK`: the reference model trained with n = 1, 2, 4 heads on an
+algorithmic task (polynomial.py, induction.py), several seeds and model sizes, head 0 measured on
+held-out data, at equal steps and at equal training FLOPs. Each finished run is appended to a
+JSON-lines file of records (docs/experiments/TASK-runs.jsonl beside --out), so an interrupted
+experiment resumes where it stopped and the report is rebuilt from the records; the table and
+the plot go into docs/experiments.md (its own section, replaced on each run)."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ..model import MTPConfig, MTPTransformer
-from . import polynomial as task
-
-IGNORE = -100
 
 
-def make_batch(rng: random.Random, ms: Sequence[int], size: int, length: int):
-    """size training sequences (inputs, labels [size, length]): labels on the answer only."""
-    x = torch.full((size, length), task.BOS, dtype=torch.long)
-    y = torch.full((size, length), IGNORE, dtype=torch.long)
-    for b in range(size):
-        prompt, answer = task.sample(rng, rng.choice(list(ms)), test=False)
-        seq = prompt + answer
-        x[b, :len(seq)] = torch.tensor(seq)
-        y[b, len(prompt):len(seq)] = torch.tensor(answer)
-    return x, y
+def config(task, n: int, d_model: int, layers: int) -> MTPConfig:
+    return MTPConfig(vocab_size=task.vocab, d_model=d_model, n_layers=layers, n_heads=4,
+                     n_future=n, max_seq_len=task.max_seq_len)
 
 
-def test_set(m: int, count: int):
-    """The held-out prompts of difficulty m (the same for every run): padded [count, P], lengths,
-    answers [count, 5]."""
-    rng = random.Random(1_000_003 * m)
-    rows = [task.sample(rng, m, test=True) for _ in range(count)]
-    P = max(len(p) for p, _ in rows)
-    prompts = torch.full((count, P), task.BOS, dtype=torch.long)
-    for i, (p, _) in enumerate(rows):
-        prompts[i, :len(p)] = torch.tensor(p)
-    return prompts, [len(p) for p, _ in rows], torch.tensor([a for _, a in rows])
-
-
-@torch.no_grad()
-def exact_match(model: MTPTransformer, m: int, count: int, batch: int = 250) -> float:
-    prompts, lens, answers = test_set(m, count)
-    hits = 0
-    for i in range(0, count, batch):
-        p, L = prompts[i:i + batch], lens[i:i + batch]
-        out = model.generate(p, task.ANSWER, prompt_lengths=L).tokens
-        got = torch.stack([out[j, l:l + task.ANSWER] for j, l in enumerate(L)])
-        hits += int((got == answers[i:i + batch]).all(1).sum())
-    return hits / count
-
-
-def config(n: int, d_model: int, layers: int, max_m: int) -> MTPConfig:
-    return MTPConfig(vocab_size=task.VOCAB, d_model=d_model, n_layers=layers, n_heads=4,
-                     n_future=n, max_seq_len=task.max_len(max_m) + 8)
-
-
-def step_flops(cfg: MTPConfig) -> float:
+def token_flops(cfg: MTPConfig) -> float:
     """Training FLOPs per token, 6 x the weights a token passes through: the trunk, n head
     layers and n unembeddings (attention's own products left out: short sequences)."""
     model = MTPTransformer(cfg)
@@ -72,83 +34,141 @@ def step_flops(cfg: MTPConfig) -> float:
     return 6.0 * (trunk + cfg.n_future * (head + cfg.vocab_size * cfg.d_model))
 
 
-def train_one(n: int, seed: int, steps: int, *, d_model: int, layers: int, lr: float,
-              batch: int, train_ms: Sequence[int], max_m: int, log) -> MTPTransformer:
+def plan(task, steps: int, seeds: Sequence[int], heads: Sequence[int], sizes: Sequence[int],
+         layers: int, equal_compute: bool) -> List[dict]:
+    """The runs, most informative first (n = 1 and the largest n for every seed, then the other
+    n, then n = 1 at the largest n's FLOPs), so a stopped experiment has its main comparison."""
+    top = max(heads)
+    groups: List[List[dict]] = [[], [], []]
+    for d in sizes:
+        size = f"d_model {d}, " if len(sizes) > 1 else ""
+        for n in sorted(set(heads), key=lambda n: (n not in (1, top), n)):
+            groups[0 if n in (1, top) else 1].append(
+                dict(label=f"{size}n={n}, {steps} steps", n=n, steps=steps, d_model=d))
+        if equal_compute and top > 1:
+            ratio = token_flops(config(task, top, d, layers)) / token_flops(config(task, 1, d, layers))
+            s = round(steps * ratio)
+            groups[2].append(dict(label=f"{size}n=1, {s} steps (the FLOPs of n={top})", n=1,
+                                  steps=s, d_model=d))
+    return [dict(spec, seed=seed, layers=layers) for g in groups for seed in seeds for spec in g]
+
+
+def train_one(task, run: dict, common: dict, log) -> MTPTransformer:
+    n, seed, steps = run["n"], run["seed"], run["steps"]
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    cfg = config(n, d_model, layers, max_m)
-    model = MTPTransformer(cfg)
+    model = MTPTransformer(config(task, n, run["d_model"], run["layers"]))
+    lr = common["lr"]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
-    length = task.max_len(max(train_ms))
     t0 = time.perf_counter()
     for step in range(steps):
         frac = min(1.0, max(0, step - warmup) / max(1, steps - warmup))
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        x, y = make_batch(rng, train_ms, batch, length)
+        x, y = task.batch(rng, common["batch"])
         loss = model(x, y).loss.loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
-            log(f"  n={n} seed {seed}: step {step + 1}/{steps}, loss {loss.item():.3f}, "
+            log(f"  {run['label']}, seed {seed}: step {step + 1}/{steps}, loss {loss.item():.3f}, "
                 f"{time.perf_counter() - t0:.0f} s")
     return model.eval()
 
 
-def run(steps: int = 1000, seeds: Sequence[int] = (0, 1, 2), heads: Sequence[int] = (1, 2, 4),
-        equal_compute: bool = True, d_model: int = 128, layers: int = 2, lr: float = 2e-3,
-        batch: int = 128, train_ms: Sequence[int] = (1, 2, 3, 4, 5),
-        test_ms: Sequence[int] = (1, 2, 3, 4, 5, 6, 7), test_count: int = 500,
-        log=print) -> dict:
-    """Every (n, seed) at `steps`, and with equal_compute n = 1 at the steps that cost the
-    FLOPs of max(heads) at `steps`. Returns {"rows": {label: {m: [acc per seed]}}, ...}."""
-    max_m = max(max(train_ms), max(test_ms))
-    runs = [(f"n={n}, {steps} steps", n, steps) for n in heads]
-    if equal_compute and max(heads) > 1:
-        top = max(heads)
-        ratio = step_flops(config(top, d_model, layers, max_m)) / step_flops(
-            config(1, d_model, layers, max_m))
-        runs.append((f"n=1, {round(steps * ratio)} steps (the FLOPs of n={top})", 1,
-                     round(steps * ratio)))
-    rows: Dict[str, Dict[int, List[float]]] = {}
-    seconds: Dict[str, List[float]] = {}
+def run_key(task, run: dict, common: dict) -> str:
+    """What makes two runs the same: the task's settings, the model and the training."""
+    what = dict(task=task.name, task_settings=task.settings(), **common,
+                **{k: run[k] for k in ("n", "steps", "seed", "d_model", "layers")})
+    return json.dumps(what, sort_keys=True)
+
+
+def load_records(path: Optional[Path]) -> Dict[str, dict]:
+    if path is None or not path.exists():
+        return {}
+    out = {}
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                r = json.loads(line)
+                out[r["key"]] = r
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"{path}, line {i + 1}: not a run record ({e})") from None
+    return out
+
+
+def run(task, runs: List[dict], common: dict, records: Optional[Path], stamp: dict,
+        log=print) -> List[dict]:
+    """Every run of the plan, each read from `records` when it is there, else trained,
+    measured and appended to it at once. Returns the plan's records in order."""
+    done = load_records(records)
+    out = []
     t_all = time.perf_counter()
-    for i, (label, n, s) in enumerate(runs):
-        for seed in seeds:
-            log(f"[{i * len(seeds) + list(seeds).index(seed) + 1}/{len(runs) * len(seeds)}] "
-                f"{label}, seed {seed}")
-            t0 = time.perf_counter()
-            model = train_one(n, seed, s, d_model=d_model, layers=layers, lr=lr, batch=batch,
-                              train_ms=train_ms, max_m=max_m, log=log)
-            seconds.setdefault(label, []).append(time.perf_counter() - t0)
-            for m in test_ms:
-                rows.setdefault(label, {}).setdefault(m, []).append(
-                    exact_match(model, m, test_count))
-            log("  exact match " + "  ".join(f"m={m}: {rows[label][m][-1]:.3f}"
-                                              for m in test_ms))
-    return {"rows": rows, "seconds": seconds, "total_seconds": time.perf_counter() - t_all,
-            "train_ms": list(train_ms), "test_ms": list(test_ms), "seeds": list(seeds),
-            "settings": dict(steps=steps, d_model=d_model, layers=layers, lr=lr, batch=batch,
-                             test_count=test_count)}
+    for i, r in enumerate(runs):
+        key = run_key(task, r, common)
+        if key in done:
+            out.append(done[key])
+            continue
+        log(f"[{i + 1}/{len(runs)}] {r['label']}, seed {r['seed']} "
+            f"({time.perf_counter() - t_all:.0f} s so far)")
+        t0 = time.perf_counter()
+        model = train_one(task, r, common, log)
+        seconds = time.perf_counter() - t0
+        acc = task.evaluate(model)
+        log("  " + "  ".join(f"{name}: {acc[k]:.3f}" for k, name in task.columns()))
+        rec = dict(key=key, label=r["label"], seed=r["seed"], n=r["n"], steps=r["steps"],
+                   d_model=r["d_model"], train_seconds=round(seconds, 1), acc=acc, **stamp)
+        if records is not None:
+            records.parent.mkdir(parents=True, exist_ok=True)
+            with records.open("a") as f:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+        out.append(rec)
+        done[key] = rec
+    return out
 
 
-def table(result: dict) -> str:
-    ms, train_ms = result["test_ms"], set(result["train_ms"])
-    head = "| run | " + " | ".join(f"m={m}{'' if m in train_ms else ' (out of domain)'}"
-                                    for m in ms) + " | train s / run |"
-    lines = [head, "|---|" + "---:|" * (len(ms) + 1)]
-    for label, accs in result["rows"].items():
+def summarize(task, recs: List[dict]) -> Dict[str, dict]:
+    """Per label (in plan order): per column the accuracies over seeds, and train seconds."""
+    rows: Dict[str, dict] = {}
+    for r in recs:
+        row = rows.setdefault(r["label"], {"acc": {}, "seconds": [], "seeds": []})
+        for k, _ in task.columns():
+            row["acc"].setdefault(k, []).append(r["acc"][k])
+        row["seconds"].append(r["train_seconds"])
+        row["seeds"].append(r["seed"])
+    return rows
+
+
+def table(task, recs: List[dict]) -> str:
+    cols = task.columns()
+    lines = ["| run | " + " | ".join(name for _, name in cols) + " | seeds | train s / run |",
+             "|---|" + "---:|" * (len(cols) + 2)]
+    for label, row in summarize(task, recs).items():
         cells = []
-        for m in ms:
-            v = accs[m]
+        for k, _ in cols:
+            v = row["acc"][k]
             spread = f" ({min(v) * 100:.1f}-{max(v) * 100:.1f})" if len(v) > 1 else ""
             cells.append(f"{statistics.mean(v) * 100:.1f}{spread}")
-        secs = statistics.mean(result["seconds"][label])
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {secs:.0f} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(row['seeds'])} | "
+                     f"{statistics.median(row['seconds']):.0f} |")
     return "\n".join(lines)
+
+
+def plot(task, recs: List[dict], path: Path) -> None:
+    """Accuracy against the task's columns, a line per run (mean over seeds, min-max bars)."""
+    from .plot import Panel, svg
+    cols = task.columns()
+    series = {}
+    for label, row in summarize(task, recs).items():
+        ys = [statistics.mean(row["acc"][k]) * 100 for k, _ in cols]
+        lo = [min(row["acc"][k]) * 100 for k, _ in cols]
+        hi = [max(row["acc"][k]) * 100 for k, _ in cols]
+        series[label] = (list(range(len(cols))), ys, lo, hi)
+    svg(path, [Panel(task.plot_title, task.key_name, task.plot_ylabel, series,
+                     xticks=[name.replace(" (out of domain)", "*") for _, name in cols],
+                     ymin=0.0)])
 
 
 def write_section(path: str, name: str, text: str) -> None:
@@ -162,29 +182,49 @@ def write_section(path: str, name: str, text: str) -> None:
     p.write_text(body if body.endswith("\n") else body + "\n")
 
 
-def report(result: dict, command: str, machine: str, commit: str, date: str) -> str:
-    s = result["settings"]
-    return (f"## Polynomial arithmetic\n\n{task.describe().capitalize()}. Trained on m in "
-            f"{result['train_ms']} (uniform), tested on {s['test_count']} held-out prompts per "
-            f"m (never in training); head 0's greedy decoding, exact match in %, mean over "
-            f"seeds {result['seeds']} (min-max). Reference model: d_model {s['d_model']}, "
-            f"{s['layers']} trunk layers, one layer per head, AdamW lr {s['lr']}, batch "
-            f"{s['batch']}, labels on the answer only. Equal compute: n = 1 for the steps whose "
-            f"training FLOPs (6 x weights per token) are those of the largest n.\n\n"
-            f"`{command}` ({date}, commit {commit}; {machine}; "
-            f"{result['total_seconds'] / 60:.0f} min in all)\n\n{table(result)}\n")
+def report(task, recs: List[dict], common: dict, layers: int, command: str, figure: str) -> str:
+    stamps = sorted({(r["date"], r["commit"], r["machine"]) for r in recs})
+    made = "; ".join(f"{d}, commit {c}, {m}" for d, c, m in stamps)
+    total = sum(r["train_seconds"] for r in recs) / 60
+    fig = f"\n![{task.plot_title}]({figure})\n" if figure else ""
+    return (f"## {task.title}\n\n{task.describe()} Mean over seeds in % (min-max). Reference "
+            f"model: {layers} trunk layers, one layer per head, AdamW lr {common['lr']}, batch "
+            f"{common['batch']}. Equal compute: n = 1 for the steps whose training FLOPs (6 x "
+            f"weights per token) are those of the largest n. The train seconds are the "
+            f"median over seeds of the training loop alone.\n\n"
+            f"`{command}` ({total:.0f} min of training in all; runs made on: {made})\n\n"
+            f"{table(task, recs)}\n{fig}")
+
+
+def make_task(args):
+    if args.task == "polynomial":
+        from .polynomial import Task
+        return Task(test_count=args.test_count)
+    from .induction import Task
+    return Task(test_count=args.test_count)
 
 
 def main(args) -> int:
-    from ..cli import _commit, _machine
     import datetime
+    import sys
+    from ..cli import _commit, _machine
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
-    result = run(steps=args.steps, seeds=list(range(args.seeds)), heads=args.heads,
-                 equal_compute=not args.no_equal_compute, test_count=args.test_count, log=log)
-    text = report(result, "mtp-ext " + " ".join(args.argv), _machine(), _commit(),
-                  datetime.date.today().isoformat())
-    print(table(result))
+    task = make_task(args)
+    sizes = args.sizes or task.sizes
+    layers = args.layers or task.layers
+    common = dict(lr=task.lr, batch=task.batch_size)
+    runs = plan(task, args.steps or task.steps, list(range(args.seeds)), args.heads or task.heads,
+                sizes, layers, not args.no_equal_compute)
+    records = Path(args.runs) if args.runs else (
+        Path(args.out).parent / "experiments" / f"{task.name}-runs.jsonl" if args.out else None)
+    stamp = dict(machine=_machine(), commit=_commit(), date=datetime.date.today().isoformat())
+    recs = run(task, runs, common, records, stamp, log=log)
+    print(table(task, recs))
     if args.out:
-        write_section(args.out, "polynomial", text)
-        print(f"wrote {args.out}")
+        figure = Path(args.out).parent / "experiments" / f"{task.name}.svg"
+        plot(task, recs, figure)
+        rel = figure.relative_to(Path(args.out).parent).as_posix()
+        write_section(args.out, task.name,
+                      report(task, recs, common, layers, "mtp-ext " + " ".join(args.argv), rel))
+        print(f"wrote {args.out}, {figure}" + (f" (records: {records})" if records else ""))
     return 0
