@@ -194,6 +194,13 @@ def _add_train(sub):
     t.add_argument("--layers", type=int, default=d.layers, help="trunk layers")
     t.add_argument("--attn-heads", type=int, default=d.attn_heads, help="attention heads per layer")
     t.add_argument("--n-future", type=int, default=d.n_future, help="prediction heads n")
+    t.add_argument("--head-style", default=d.head_style, choices=["parallel", "sequential"],
+                   help="parallel: Gloeckle et al.'s heads, one layer each on the trunk; "
+                   "sequential: DeepSeek-V3's MTP modules, depth k on depth k-1 and the "
+                   "embedding of the token k ahead (with --init-from: heads 1.. made anew)")
+    t.add_argument("--head-weights", type=float, nargs="+", default=d.head_weights,
+                   metavar="W", help="the loss's weight of each head (n values; None: all 1). "
+                   "DeepSeek-V3: 1, then 0.3 / (n - 1) for each module")
     t.add_argument("--dtype", default=d.dtype, choices=["auto", "fp32", "bf16"],
                    help="bf16: the forward under bf16 autocast, fp32 weights and optimizer; "
                    "auto: bf16 where the CPU (AVX512-BF16 or AMX) or GPU computes it natively")
@@ -208,8 +215,8 @@ def _add_train(sub):
 
 def experiment(args) -> int:
     from .experiments.runner import main as run
-    given = [v for v in (args.steps, args.layers) if v is not None]
-    if min([args.seeds, args.test_count, *given, *(args.heads or []), *(args.sizes or [])]) < 1:
+    given = [v for v in (args.steps, args.layers, args.seeds) if v is not None]
+    if min([args.test_count, *given, *(args.heads or []), *(args.sizes or [])]) < 1:
         raise ValueError("--steps, --seeds, --test-count, --heads, --sizes and --layers must "
                          "be positive")
     return run(args)
@@ -230,7 +237,8 @@ def generate(args) -> int:
     prompt = torch.tensor([tok.encode(args.prompt)], device=device)
     if prompt.numel() == 0:
         raise ValueError("--prompt must not be empty")
-    greedy_spec = args.speculative and args.temperature <= 0 and model.cfg.n_future > 1
+    greedy_spec = (args.speculative and args.temperature <= 0 and model.cfg.n_future > 1
+                   and not model.sequential)  # sequential MTP modules draft one chain
     if greedy_spec and args.chain:
         model.draft_tree = chain(model.cfg.n_future).paths
     elif greedy_spec and model.draft_tree is None:  # a checkpoint from before draft trees
@@ -256,7 +264,8 @@ def generate(args) -> int:
     mode = "plain"
     if args.speculative:
         mode = (f"speculative, tree of {len(model.draft_tree)} candidates" if greedy_spec
-                else "speculative sampling")
+                else "speculative sampling" if args.temperature > 0
+                else "speculative, the MTP modules' chain")
     line = (f"\n[{mode}] {st['new_tokens']} tokens, "
             f"{st['forward_passes']} forward passes, {st['tokens_per_forward']:.2f} tokens/forward, "
             f"{st['wall_seconds']:.3f} s ({ms(out):.2f} ms/token)")
@@ -321,19 +330,25 @@ def main(argv=None) -> int:
     x = sub.add_parser("experiment", formatter_class=HELP,
                        help="MTP against next-token training on an algorithmic task (docs/"
                        "experiments.md)")
-    x.add_argument("task", choices=["polynomial", "induction"],
+    x.add_argument("task", choices=["polynomial", "induction", "bytes"],
                    help="polynomial: arithmetic over F7[X]/(X^5); induction: copying the second "
-                   "token of a repeated two-token name (both as in Gloeckle et al. 2024, sec. 4)")
+                   "token of a repeated two-token name (both as in Gloeckle et al. 2024, sec. 4); "
+                   "bytes: `mtp-ext train` with n = 1 and 4, head 0's validation loss curves")
     x.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per run (None: the task's, 1000 / 600)")
-    x.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 per configuration")
+                   help="optimizer steps per run (None: the task's, 1000 / 600 / 300)")
+    x.add_argument("--seeds", type=int, default=None,
+                   help="seeds 0..S-1 per configuration (None: the task's, 3 / 3 / 1)")
     x.add_argument("--heads", type=int, nargs="+", default=None,
-                   help="values of n (None: the task's, 1 2 4 / 1 2 4)")
+                   help="values of n (None: the task's, 1 2 4 / 1 2 / 1 4)")
     x.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="model sizes as d_model (None: the task's, 128 / 64 128)")
     x.add_argument("--layers", type=int, default=None, help="trunk layers (None: the task's, 2)")
     x.add_argument("--no-equal-compute", action="store_true",
                    help="skip n = 1 trained for the FLOPs of the largest n")
+    x.add_argument("--recipe", default="cosine", choices=["cosine", "constant"],
+                   help="cosine: AdamW (0.9, 0.95), wd 0.1, warmup and cosine decay, clipping; "
+                   "constant: AdamW's defaults at a constant learning rate (each recipe has its "
+                   "own section)")
     x.add_argument("--test-count", type=int, default=500,
                    help="held-out prompts (polynomial: per difficulty) or sequences (induction)")
     x.add_argument("--out", default=None, help="write the report's section into this markdown "

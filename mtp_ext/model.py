@@ -1,13 +1,15 @@
 """The reference multi-token prediction transformer of Gloeckle et al. 2024: a shared trunk, n
 heads that are each one transformer layer, a shared final norm and one shared unembedding (tied
 to the embedding, or one per head). Head 0 is the ordinary next-token head; head k predicts the
-token k + 1 positions ahead."""
+token k + 1 positions ahead. With head_style "sequential" heads 1..n-1 are DeepSeek-V3's MTP
+modules instead (MTPModule): depth k takes depth k-1's hidden state and the embedding of the
+token k positions ahead."""
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,7 @@ from .outputs import MTPLossOutput
 from .decoding.packed_linear import Linear, linear, packed_linears
 
 LOSS_IMPLS = ("fused", "reference")
+HEAD_STYLES = ("parallel", "sequential")
 
 
 @dataclass
@@ -34,6 +37,12 @@ class MTPConfig:
     per_head_unembedding: bool = False
     z_loss: float = 0.0
     chunk_size: Optional[int] = None
+    # "parallel": Gloeckle et al.'s heads, each one layer on the trunk's output; "sequential":
+    # DeepSeek-V3's MTP modules (MTPModule), depth k on depth k-1's output
+    head_style: str = "parallel"
+    # the loss's weight per head (None: all 1, the sum of the n losses); DeepSeek-V3 trains its
+    # D = n - 1 modules with [1] + [lambda / D] * D, lambda 0.3 then 0.1
+    head_weights: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_future", "max_seq_len"):
@@ -47,6 +56,18 @@ class MTPConfig:
             raise ValueError("MTPConfig: tie_embeddings and per_head_unembedding exclude each other")
         if self.d_ff is None:
             self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+        if self.head_style not in HEAD_STYLES:
+            raise ValueError(f"MTPConfig.head_style must be one of {HEAD_STYLES}, got "
+                             f"{self.head_style!r}")
+        if self.head_style == "sequential" and self.per_head_unembedding:
+            raise ValueError("MTPConfig: sequential MTP modules share one output head "
+                             "(per_head_unembedding must be False)")
+        if self.head_weights is not None:
+            w = tuple(float(v) for v in self.head_weights)
+            if len(w) != self.n_future or any(not math.isfinite(v) or v < 0 for v in w):
+                raise ValueError(f"MTPConfig.head_weights must be {self.n_future} finite "
+                                 f"non-negative numbers (one per head), got {self.head_weights!r}")
+            self.head_weights = w
 
     def to_dict(self):
         return asdict(self)
@@ -156,6 +177,22 @@ class KVCache:
         self.k, self.v = pick(self.k), pick(self.v)
 
 
+class DraftBuffer:
+    """What sequential MTP modules read when they draft (MTPTransformer.sequential_draft), per
+    sequence and position: the tokens (decided ones, then the current drafts) and head 0's
+    layer output. Kept with the KV caches (select() keeps some sequences)."""
+
+    def __init__(self, batch: int, max_len: int, n_future: int, d_model: int, dtype, device):
+        self.tokens = torch.zeros(batch, max_len + 2 * n_future, dtype=torch.long, device=device)
+        self.h0 = torch.zeros(batch, max_len, d_model, dtype=dtype, device=device)
+
+    def truncate(self, length: int):
+        pass  # written at given positions: nothing past a length is read
+
+    def select(self, rows):
+        self.tokens, self.h0 = self.tokens[rows], self.h0[rows]
+
+
 class SwiGLU(nn.Module):
     def __init__(self, cfg: MTPConfig):
         super().__init__()
@@ -180,6 +217,25 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class MTPModule(nn.Module):
+    """DeepSeek-V3's MTP module (technical report, sec. 2.2): at depth k, position i combines
+    depth k-1's hidden state h_i (the main model's last layer for k = 1) with the embedding of
+    token i + k: h'_i = Block(eh_proj([enorm(e_{i+k}); hnorm(h_i)])), then the shared final
+    norm and output head predict token i + k + 1. Names and order as in transformers'
+    DeepSeek-V3 MTP layers (enorm, hnorm, eh_proj: embedding first)."""
+
+    def __init__(self, cfg: MTPConfig):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.eh_proj = Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg)
+
+    def forward(self, h, e, cos, sin, cache=None, mask=None, pos=None):
+        x = self.eh_proj(torch.cat([self.enorm(e), self.hnorm(h)], dim=-1))
+        return self.block(x, cos, sin, cache, mask, pos)
+
+
 class MTPOutput(NamedTuple):
     loss: Optional[MTPLossOutput]  # with labels: loss, head_losses, head_accuracy, head_tokens
     logits: Optional[torch.Tensor]  # [n, B, V]: each head's logits at the last position
@@ -191,7 +247,9 @@ class MTPTransformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.trunk = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.heads = nn.ModuleList(Block(cfg) for _ in range(cfg.n_future))
+        self.heads = nn.ModuleList([Block(cfg)] + [
+            MTPModule(cfg) if cfg.head_style == "sequential" else Block(cfg)
+            for _ in range(cfg.n_future - 1)])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if cfg.per_head_unembedding:
             self.unembed = nn.Parameter(torch.empty(cfg.n_future, cfg.vocab_size, cfg.d_model))
@@ -207,12 +265,21 @@ class MTPTransformer(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=std)
-        for blk in list(self.trunk) + list(self.heads):  # residual branches start small
+        for blk in self.blocks():  # residual branches start small
             nn.init.normal_(blk.attn.out.weight, std=std / math.sqrt(2 * (len(self.trunk) + 1)))
             nn.init.normal_(blk.mlp.down.weight, std=std / math.sqrt(2 * (len(self.trunk) + 1)))
         nn.init.normal_(self.embed.weight, std=1.0)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.unembed, std=std)
+
+    @property
+    def sequential(self) -> bool:
+        return self.cfg.head_style == "sequential"
+
+    def blocks(self):
+        """Every transformer Block: the trunk's, then each head's (an MTPModule's inner one)."""
+        for m in list(self.trunk) + list(self.heads):
+            yield m.block if isinstance(m, MTPModule) else m
 
     @property
     def unembedding(self) -> torch.Tensor:
@@ -230,8 +297,39 @@ class MTPTransformer(nn.Module):
         return x, cos, sin
 
     def head_forward(self, k, x, cos, sin):
-        """Head k's final hidden state (after the shared norm) from the trunk's output x."""
+        """Head k's final hidden state (after the shared norm) from the trunk's output x
+        (parallel heads, and head 0 of either style)."""
+        if k and self.sequential:
+            raise ValueError("head_forward: a sequential MTP module needs the previous depth "
+                             "and the tokens ahead (sequential_forward)")
         return self.norm(self.heads[k](x, cos, sin))
+
+    def sequential_forward(self, input_ids, h, cos, sin):
+        """The MTP modules 1..n-1 on head 0's layer output h [B, T, D] (before the final norm):
+        depth k at positions 0..T-1-k (token i + k exists there), padded with zeros to T (the
+        loss has no label there). Returns their final hidden states (after the shared norm),
+        each [B, T, D]."""
+        B, T, D = h.shape
+        out = []
+        for k in range(1, self.cfg.n_future):
+            if T - k <= 0:
+                out.append(h.new_zeros(B, T, D))
+                continue
+            h = self.heads[k](h[:, :T - k], self.embed(input_ids[:, k:]), cos[:T - k], sin[:T - k])
+            out.append(F.pad(self.norm(h), (0, 0, 0, k)))
+        return out
+
+    def _sequential_last_logits(self, input_ids, h, cos, sin, first_logits):
+        """Each depth's logits at the last position, module k reading the greedy drafts of
+        depths 0..k-1 as the tokens past the input: [n - 1, B, V]."""
+        T, out, ids = input_ids.shape[1], [], input_ids
+        logits = first_logits
+        for k in range(1, self.cfg.n_future):
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            h = self.heads[k](h, self.embed(ids[:, k:k + T]), cos, sin)
+            logits = self.head_logits(k, self.norm(h[:, -1]))
+            out.append(logits)
+        return out
 
     def head_logits(self, k, h):
         w = self.unembedding
@@ -269,24 +367,35 @@ class MTPTransformer(nn.Module):
 
     def forward(self, input_ids, labels=None, *, loss_impl="fused", return_logits=None):
         """input_ids [B, T]. With labels ([B, T], usually input_ids): the MTP loss, head k at
-        position t predicting labels[:, t + k + 1]. return_logits (default: when no labels):
-        each head's logits at the last position only, [n, B, V]."""
+        position t predicting labels[:, t + k + 1] (sequential modules: depth k at position t
+        reads token t + k, and the positions past T - 1 - k have no label). return_logits
+        (default: when no labels): each head's logits at the last position only, [n, B, V]
+        (sequential: depth k reading the greedy drafts of depths 0..k-1)."""
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         with torch.no_grad() if self.base_frozen else contextlib.nullcontext():
             x, cos, sin = self.trunk_forward(input_ids)
-            h0 = self.head_forward(0, x, cos, sin)
-        hs = [h0] + [self.head_forward(k, x, cos, sin) for k in range(1, self.cfg.n_future)]
+            h0_layer = self.heads[0](x, cos, sin)
+            h0 = self.norm(h0_layer)
+        want_logits = return_logits or (return_logits is None and labels is None)
+        if not self.sequential:
+            hs = [h0] + [self.head_forward(k, x, cos, sin) for k in range(1, self.cfg.n_future)]
+        elif labels is not None:
+            hs = [h0] + self.sequential_forward(input_ids, h0_layer, cos, sin)
         loss = None
         if labels is not None:
             from . import loss as fused, reference
             fn = fused.mtp_loss if loss_impl == "fused" else reference.mtp_loss
             loss = fn(torch.stack(hs), self.unembedding, labels, z_loss=self.cfg.z_loss,
-                      chunk_size=self.cfg.chunk_size)
+                      chunk_size=self.cfg.chunk_size, head_weights=self.cfg.head_weights)
         logits = None
-        if return_logits or (return_logits is None and labels is None):
+        if want_logits and self.sequential:
+            first = self.head_logits(0, h0[:, -1])
+            logits = torch.stack([first] + self._sequential_last_logits(
+                input_ids, h0_layer, cos, sin, first))
+        elif want_logits:
             logits = torch.stack([self.head_logits(k, h[:, -1]) for k, h in enumerate(hs)])
         return MTPOutput(loss, logits)
 
@@ -300,6 +409,9 @@ class MTPTransformer(nn.Module):
         p = self.embed.weight
         new = lambda groups, dt: KVCache(batch, c.n_heads, c.d_model // c.n_heads, max_len, dt,
                                          p.device, groups)
+        if self.sequential:  # one cache per MTP module, and what the modules read
+            return ([new(1, p.dtype) for _ in range(c.n_layers + c.n_future)]
+                    + [DraftBuffer(batch, max_len, c.n_future, c.d_model, p.dtype, p.device)])
         return ([new(1, p.dtype) for _ in range(c.n_layers + 1)]
                 + ([new(c.n_future - 1, self._draft_dtype())] if c.n_future > 1 else []))
 
@@ -361,6 +473,47 @@ class MTPTransformer(nn.Module):
             h = self.norm(self._draft_layers(x, cos, sin, caches[self.cfg.n_layers + 1], mask,
                                              slots))
             return self._heads_logits(h, first=1)
+
+    def sequential_verify(self, ids, caches, positions):
+        """Sequential MTP modules' decoding (mtp_ext.decoding.generate): the trunk and head 0 on
+        ids [A, T] at slots positions + j of each sequence [A]; the tokens and head 0's layer
+        outputs go to the DraftBuffer. Returns head 0's logits [A, T, V]."""
+        L, buf = self.cfg.n_layers, caches[-1]
+        with packed_linears():
+            cos, sin, mask, slots = self._geometry(positions,
+                                                   torch.arange(ids.shape[1], device=ids.device))
+            x = self._trunk_cached(ids, caches, cos, sin, mask, slots)
+            h = self.heads[0](x, cos, sin, caches[L], mask, slots)
+            rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+            buf.tokens[rows, slots] = ids
+            buf.h0[rows, slots] = h
+            return self.head_logits(0, self.norm(h))
+
+    def sequential_draft(self, caches, last, nxt, span: int, pick):
+        """The MTP modules' chain of drafts after each sequence's newest decided token nxt [A]
+        (at slot last + 1; last [A] is the position of the token before it, the newest whose
+        head-0 output exists). Module k runs on the `span` positions ending at last (fewer
+        when a sequence is shorter: from 0), rewriting the cache entries there, since those
+        of the last steps read drafts; position i reads token i + k from the buffer, at last
+        the draft of module k-1. pick(logits [A, V]) -> tokens [A] (greedy or drawn).
+        Returns the drafts [A, n-1] and their logits [n-1, A, V]."""
+        L, n, buf = self.cfg.n_layers, self.cfg.n_future, caches[-1]
+        rows = torch.arange(last.shape[0], device=last.device)
+        start = (last - span + 1).clamp(min=0)
+        at = last - start                                   # last's index in the span
+        buf.tokens[rows, last + 1] = nxt
+        drafts, logits = [], []
+        with packed_linears():
+            cos, sin, mask, slots = self._geometry(start, torch.arange(span, device=last.device))
+            h = buf.h0[rows[:, None], slots]
+            for k in range(1, n):
+                e = self.embed(buf.tokens[rows[:, None], slots + k])
+                h = self.heads[k](h, e, cos, sin, caches[L + k], mask, slots)
+                out = self.head_logits(k, self.norm(h[rows, at]))
+                drafts.append(pick(out))
+                logits.append(out)
+                buf.tokens[rows, last + 1 + k] = drafts[-1]
+        return torch.stack(drafts, 1), torch.stack(logits)
 
     def _geometry(self, positions, depth, visible=None):
         """RoPE tables, attention mask and cache slots of T new tokens per sequence after

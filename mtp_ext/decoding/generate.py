@@ -216,7 +216,10 @@ def _tree(model, tree, speculative, temperature, room: int):
     model without forward_tree: blockwise drafting by forward_cached). room: the cache slots
     left after the prompt and the new tokens; the model's own tree gives way to the chain where
     it does not fit."""
-    can = hasattr(model, "forward_tree")
+    can = hasattr(model, "forward_tree") and not getattr(model, "sequential", False)
+    if tree is not None and getattr(model, "sequential", False):
+        raise ValueError("tree: sequential MTP modules draft one chain (module k from module "
+                         "k-1's draft); pass tree=None")
     if tree is not None:
         if not speculative:
             raise ValueError("tree applies to speculative decoding: pass speculative=True")
@@ -340,6 +343,7 @@ class _Decoding:
         self.rows = torch.arange(B, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.last = self.nxt = None
+        self.drafts = None  # [A, n-1]: drafts made before the step (sequential MTP modules)
 
     def forward(self, ids):
         """The model on ids [A, T] after each active sequence's cached tokens."""
@@ -378,6 +382,8 @@ class _Decoding:
             return False
         self.rows, self.pos, self.nxt = self.rows[keep], self.pos[keep], self.nxt[keep]
         self.last = self.last[:, keep]
+        if self.drafts is not None:
+            self.drafts = self.drafts[keep]
         for c in self.caches:
             c.select(keep)
         return True
@@ -411,21 +417,31 @@ def _plain_step(s: _Decoding):
     return s.emit(s.nxt[:, None], torch.ones_like(s.nxt))
 
 
-def _blockwise_step(s: _Decoding):
-    """The next token and one draft per head (each head's top, or drawn from it when sampling)
-    in one forward; the run of drafts that head 0 confirms is kept (greedy: equal to its
-    choice; sampled: speculative sampling), then head 0's token after the run."""
-    n, sampler, ar = s.model.cfg.n_future, s.sampler, torch.arange(s.rows.numel(),
-                                                                   device=s.rows.device)
+def _drafts(s: _Decoding):
+    """The drafts to verify [A, n-1] and, sampling, their distributions q [n-1, A, V]: each
+    head's top or a draw from it, from the draft logits s.last[1:]; sequential MTP modules
+    drew theirs as they drafted (s.drafts: module k reads module k-1's draft)."""
+    sampler, n = s.sampler, s.model.cfg.n_future
     q = None if sampler.greedy else sampler.probs(s.last[1:])             # [n-1, A, V]
+    if s.drafts is not None:
+        return s.drafts, q
     drafts = (s.last[1:].argmax(-1) if q is None else
               torch.stack([sampler.draw(q[i]) for i in range(n - 1)])).t()  # [A, n-1]
-    logits = s.forward(torch.cat([s.nxt[:, None], drafts], 1))            # [n, A, n, V]
+    return drafts, q
+
+
+def _accept(s: _Decoding, drafts, q, head0):
+    """The run of drafts that head 0 confirms, head0 [A, n, V] being its logits after each of
+    the block [next token, drafts] (greedy: equal to its choice; sampled: speculative
+    sampling); tallies the checked and accepted drafts per head and sets s.nxt, head 0's token
+    after the run. Returns the run [A]."""
+    n, sampler = s.model.cfg.n_future, s.sampler
+    ar = torch.arange(drafts.shape[0], device=drafts.device)
     # draft i (block index i + 1) is checked by head 0 after the block's first i + 1 tokens
     if q is None:
-        ok = drafts == logits[0, :, :-1].argmax(-1)
+        ok = drafts == head0[:, :-1].argmax(-1)
     else:
-        p = sampler.probs(logits[0])                                      # [A, n, V]
+        p = sampler.probs(head0)                                          # [A, n, V]
         p_d = p[:, :-1].gather(2, drafts[:, :, None]).squeeze(2)          # [A, n-1]
         q_d = q.permute(1, 0, 2).gather(2, drafts[:, :, None]).squeeze(2)
         ok = sampler.uniform(p_d.shape, p_d.device) * q_d < p_d           # u < p(x) / q(x)
@@ -436,15 +452,62 @@ def _blockwise_step(s: _Decoding):
     # the next token: head 0 after the last kept one; sampled, the first rejected draft's place
     # takes a draw from max(0, p - q), normalized
     if q is None:
-        s.nxt = logits[0, ar, run].argmax(-1)
+        s.nxt = head0[ar, run].argmax(-1)
     else:
         p_next = p[ar, run]
         q_next = q.permute(1, 0, 2)[ar, run.clamp(max=n - 2)]
         resid = torch.where((run < n - 1)[:, None], (p_next - q_next).clamp(min=0), p_next)
         resid = torch.where(resid.sum(1, keepdim=True) > 0, resid, p_next)  # p = q: p
         s.nxt = sampler.draw(resid / resid.sum(1, keepdim=True))
-    s.last = logits[:, ar, run]
+    return run
+
+
+def _blockwise_step(s: _Decoding):
+    """The next token and one draft per head (each head's top, or drawn from it when sampling)
+    in one forward; the run of drafts that head 0 confirms is kept, then head 0's token after
+    the run. The same forward gives every head's logits after the run: the next drafts."""
+    drafts, q = _drafts(s)
+    logits = s.forward(torch.cat([s.nxt[:, None], drafts], 1))            # [n, A, n, V]
+    run = _accept(s, drafts, q, logits[0])
+    s.last = logits[:, torch.arange(run.numel(), device=run.device), run]
     s.pos = s.pos + 1 + run
+    alive = s.emit(drafts, run)
+    return alive & s.emit(s.nxt[:, None], alive.long())
+
+
+def _sequential_prefill(s: _Decoding, input_ids, lens):
+    """The prompts' forward (trunk and head 0), the first token, then the MTP modules' first
+    chain of drafts over the whole prompts."""
+    model, rows = s.model, s.rows
+    lens = lens.to(rows.device)
+    s.forwards += 1
+    s.fwd[rows] += 1
+    head0 = model.sequential_verify(input_ids, s.caches, torch.zeros_like(lens))  # [A, P, V]
+    first = head0[rows, lens - 1]
+    s.pos, s.nxt = lens, s.sampler.pick(first)
+    alive = s.emit(s.nxt[:, None], torch.ones_like(s.nxt))
+    s.drafts, chain_logits = model.sequential_draft(s.caches, lens - 1, s.nxt,
+                                                    input_ids.shape[1], s.sampler.pick)
+    s.last = torch.cat([first[None], chain_logits])
+    return alive
+
+
+def _sequential_step(s: _Decoding):
+    """Sequential MTP modules: head 0 verifies the block [next token, drafts] as in
+    _blockwise_step; then the modules draft the next chain after the run (module k from
+    module k-1's draft), recomputing the positions whose cache entries read a draft."""
+    model, n = s.model, s.model.cfg.n_future
+    drafts, q = _drafts(s)
+    s.forwards += 1
+    s.fwd[s.rows] += 1
+    head0 = model.sequential_verify(torch.cat([s.nxt[:, None], drafts], 1), s.caches, s.pos)
+    run = _accept(s, drafts, q, head0)
+    last = s.pos + run                     # the last kept token's position: the modules read it
+    s.drafts, chain_logits = model.sequential_draft(s.caches, last, s.nxt,
+                                                    int(run.max()) + n - 1, s.sampler.pick)
+    s.last = torch.cat([head0[torch.arange(run.numel(), device=run.device), run][None],
+                        chain_logits])
+    s.pos = last + 1
     alive = s.emit(drafts, run)
     return alive & s.emit(s.nxt[:, None], alive.long())
 
@@ -483,15 +546,19 @@ class _TreeSteps:
 def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
             tree=None) -> GenerateOutput:
     """Prefill, then steps until every sequence is done: tree drafting, blockwise drafting
-    (the chain by forward_cached; greedy or sampled) or plain decoding."""
+    (the chain by forward_cached; greedy or sampled), the chain of sequential MTP modules, or
+    plain decoding."""
     n = model.cfg.n_future
     spec = speculative and n > 1
     t0 = time.perf_counter()
     s = _Decoding(model, input_ids, max_new, n if spec else 1, stop_token, sampler)
-    alive = _prefill(s, input_ids, lens)
-    if tree is not None:
+    if spec and getattr(model, "sequential", False):
+        alive, step = _sequential_prefill(s, input_ids, lens), _sequential_step
+    elif tree is not None:
+        alive = _prefill(s, input_ids, lens)
         step, s.last = _TreeSteps(tree, n, input_ids.device), s.last[1:]
     else:
+        alive = _prefill(s, input_ids, lens)
         step = _blockwise_step if spec else _plain_step
     while s.keep(alive):
         alive = step(s)

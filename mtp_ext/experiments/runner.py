@@ -20,6 +20,14 @@ import torch
 from ..model import MTPConfig, MTPTransformer
 
 
+RECIPES = {  # the optimizer and schedule of train_one
+    "cosine": "AdamW lr {lr} (betas 0.9, 0.95, weight decay 0.1), 5% linear warmup then a "
+              "cosine decay to 10%, gradients clipped at norm 1",
+    "constant": "AdamW at torch's defaults (betas 0.9, 0.999, weight decay 0.01) and a "
+                "constant lr {lr}, no clipping",
+}
+
+
 def config(task, n: int, d_model: int, layers: int) -> MTPConfig:
     return MTPConfig(vocab_size=task.vocab, d_model=d_model, n_layers=layers, n_heads=4,
                      n_future=n, max_seq_len=task.max_seq_len)
@@ -44,12 +52,13 @@ def plan(task, steps: int, seeds: Sequence[int], heads: Sequence[int], sizes: Se
         size = f"d_model {d}, " if len(sizes) > 1 else ""
         for n in sorted(set(heads), key=lambda n: (n not in (1, top), n)):
             groups[0 if n in (1, top) else 1].append(
-                dict(label=f"{size}n={n}, {steps} steps", n=n, steps=steps, d_model=d))
+                dict(label=f"{size}n={n}, {steps} steps", group=f"n={n}", n=n, steps=steps,
+                     d_model=d))
         if equal_compute and top > 1:
             ratio = token_flops(config(task, top, d, layers)) / token_flops(config(task, 1, d, layers))
             s = round(steps * ratio)
-            groups[2].append(dict(label=f"{size}n=1, {s} steps (the FLOPs of n={top})", n=1,
-                                  steps=s, d_model=d))
+            groups[2].append(dict(label=f"{size}n=1, {s} steps (the FLOPs of n={top})",
+                                  group=f"n=1, the FLOPs of n={top}", n=1, steps=s, d_model=d))
     return [dict(spec, seed=seed, layers=layers) for g in groups for seed in seeds for spec in g]
 
 
@@ -58,18 +67,23 @@ def train_one(task, run: dict, common: dict, log) -> MTPTransformer:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = MTPTransformer(config(task, n, run["d_model"], run["layers"]))
-    lr = common["lr"]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    lr, cosine = common["lr"], common["recipe"] == "cosine"
+    if cosine:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    else:  # "constant": AdamW's defaults at a constant learning rate, no clipping
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
     warmup = max(1, steps // 20)
     t0 = time.perf_counter()
     for step in range(steps):
-        frac = min(1.0, max(0, step - warmup) / max(1, steps - warmup))
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        if cosine:
+            frac = min(1.0, max(0, step - warmup) / max(1, steps - warmup))
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
         x, y = task.batch(rng, common["batch"])
         loss = model(x, y).loss.loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if cosine:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
@@ -118,7 +132,7 @@ def run(task, runs: List[dict], common: dict, records: Optional[Path], stamp: di
         seconds = time.perf_counter() - t0
         acc = task.evaluate(model)
         log("  " + "  ".join(f"{name}: {acc[k]:.3f}" for k, name in task.columns()))
-        rec = dict(key=key, label=r["label"], seed=r["seed"], n=r["n"], steps=r["steps"],
+        rec = dict(key=key, label=r["label"], group=r["group"], seed=r["seed"], n=r["n"], steps=r["steps"],
                    d_model=r["d_model"], train_seconds=round(seconds, 1), acc=acc, **stamp)
         if records is not None:
             records.parent.mkdir(parents=True, exist_ok=True)
@@ -157,17 +171,29 @@ def table(task, recs: List[dict]) -> str:
 
 
 def plot(task, recs: List[dict], path: Path) -> None:
-    """Accuracy against the task's columns, a line per run (mean over seeds, min-max bars)."""
+    """Mean over seeds with min-max bars, a line per run: against the task's columns
+    (polynomial: difficulty), or, for a task with a plot_key, that column against model size
+    (a line per n)."""
     from .plot import Panel, svg
     cols = task.columns()
     series = {}
-    for label, row in summarize(task, recs).items():
-        ys = [statistics.mean(row["acc"][k]) * 100 for k, _ in cols]
-        lo = [min(row["acc"][k]) * 100 for k, _ in cols]
-        hi = [max(row["acc"][k]) * 100 for k, _ in cols]
-        series[label] = (list(range(len(cols))), ys, lo, hi)
-    svg(path, [Panel(task.plot_title, task.key_name, task.plot_ylabel, series,
-                     xticks=[name.replace(" (out of domain)", "*") for _, name in cols],
+    stat = lambda v: (statistics.mean(v) * 100, min(v) * 100, max(v) * 100)
+    if getattr(task, "plot_key", None):
+        sizes = sorted({r["d_model"] for r in recs})
+        for group in dict.fromkeys(r["group"] for r in recs):
+            pts = []
+            for i, d in enumerate(sizes):
+                v = [r["acc"][task.plot_key] for r in recs if r["group"] == group and r["d_model"] == d]
+                if v:
+                    pts.append((i, *stat(v)))
+            series[group] = tuple(map(list, zip(*pts)))
+        xticks = [str(d) for d in sizes]
+    else:
+        for label, row in summarize(task, recs).items():
+            series[label] = tuple(map(list, zip(*[(i, *stat(row["acc"][k]))
+                                                   for i, (k, _) in enumerate(cols)])))
+        xticks = [name.replace(" (out of domain)", "*") for _, name in cols]
+    svg(path, [Panel(task.plot_title, task.key_name, task.plot_ylabel, series, xticks=xticks,
                      ymin=0.0)])
 
 
@@ -187,9 +213,10 @@ def report(task, recs: List[dict], common: dict, layers: int, command: str, figu
     made = "; ".join(f"{d}, commit {c}, {m}" for d, c, m in stamps)
     total = sum(r["train_seconds"] for r in recs) / 60
     fig = f"\n![{task.plot_title}]({figure})\n" if figure else ""
-    return (f"## {task.title}\n\n{task.describe()} Mean over seeds in % (min-max). Reference "
-            f"model: {layers} trunk layers, one layer per head, AdamW lr {common['lr']}, batch "
-            f"{common['batch']}. Equal compute: n = 1 for the steps whose training FLOPs (6 x "
+    recipe = RECIPES[common["recipe"]].format(lr=common["lr"])
+    return (f"## {task.title} ({common['recipe']} learning rate)\n\n{task.describe()} Mean over "
+            f"seeds in % (min-max). Reference model: {layers} trunk layers, one layer per head; "
+            f"batch {common['batch']}; {recipe}. Equal compute: n = 1 for the steps whose training FLOPs (6 x "
             f"weights per token) are those of the largest n. The train seconds are the "
             f"median over seeds of the training loop alone.\n\n"
             f"`{command}` ({total:.0f} min of training in all; runs made on: {made})\n\n"
@@ -209,22 +236,26 @@ def main(args) -> int:
     import sys
     from ..cli import _commit, _machine
     log = lambda *a: print(*a, file=sys.stderr, flush=True)
+    if args.task == "bytes":
+        from .byte_level import main as bytes_main
+        return bytes_main(args)
     task = make_task(args)
     sizes = args.sizes or task.sizes
     layers = args.layers or task.layers
-    common = dict(lr=task.lr, batch=task.batch_size)
-    runs = plan(task, args.steps or task.steps, list(range(args.seeds)), args.heads or task.heads,
+    common = dict(lr=task.lr, batch=task.batch_size, recipe=args.recipe)
+    runs = plan(task, args.steps or task.steps, list(range(args.seeds or 3)), args.heads or task.heads,
                 sizes, layers, not args.no_equal_compute)
     records = Path(args.runs) if args.runs else (
         Path(args.out).parent / "experiments" / f"{task.name}-runs.jsonl" if args.out else None)
     stamp = dict(machine=_machine(), commit=_commit(), date=datetime.date.today().isoformat())
     recs = run(task, runs, common, records, stamp, log=log)
     print(table(task, recs))
-    if args.out:
-        figure = Path(args.out).parent / "experiments" / f"{task.name}.svg"
+    if args.out:  # a section (and plot) per recipe
+        name = task.name + ("" if args.recipe == "cosine" else f"-{args.recipe}")
+        figure = Path(args.out).parent / "experiments" / f"{name}.svg"
         plot(task, recs, figure)
         rel = figure.relative_to(Path(args.out).parent).as_posix()
-        write_section(args.out, task.name,
+        write_section(args.out, name,
                       report(task, recs, common, layers, "mtp-ext " + " ".join(args.argv), rel))
         print(f"wrote {args.out}, {figure}" + (f" (records: {records})" if records else ""))
     return 0

@@ -106,6 +106,10 @@ class TrainArgs:
     layers: int = 4
     attn_heads: int = 4
     n_future: int = 4
+    # "parallel" heads, or DeepSeek-V3's "sequential" MTP modules (mtp_ext.model.MTPModule)
+    head_style: str = "parallel"
+    # the loss's weight per head (None: all 1); DeepSeek-V3: 1, then lambda / (n - 1) each
+    head_weights: Optional[Tuple[float, ...]] = None
     threads: Optional[int] = None
     # "bf16": the forward under bf16 autocast (fp32 weights and optimizer); "auto": bf16 where the
     # device computes bf16 natively (native_bf16), else fp32
@@ -127,25 +131,39 @@ class TrainArgs:
 # What a resumed run must share with the checkpoint's run: the model, the data and the batches.
 # The rest (steps, learning rate, evaluation, device, dtype, threads, ...) may change on resume.
 RESUME_MUST_MATCH = ("d_model", "layers", "attn_heads", "n_future", "seq_len", "batch_size",
-                     "seed", "data", "tokenizer", "vocab_size", "freeze_base")
+                     "seed", "data", "tokenizer", "vocab_size", "freeze_base", "head_style")
 SHAPE_ARGS = {"d_model": "d_model", "layers": "n_layers", "attn_heads": "n_heads"}
 # TrainArgs field -> MTPConfig field, taken from --init-from's model
 
 
-def with_heads(model: MTPTransformer, n_future: int) -> MTPTransformer:
-    """model with n_future heads: its first ones, and any more as copies of its head 0 (the
-    layer that predicts the next token), everything else shared as it is."""
-    if n_future == model.cfg.n_future:
+def with_heads(model: MTPTransformer, n_future: int, head_style: Optional[str] = None,
+               head_weights=None) -> MTPTransformer:
+    """model with n_future heads of head_style (default: the model's): its first ones where the
+    style is the same (else head 0 only), any more as copies of its head 0 (the layer that
+    predicts the next token; a new MTP module gets it as its block, and new input layers),
+    everything else shared as it is. head_weights: the new model's (None: the model's own when
+    n_future is its number of heads, else all 1)."""
+    style = head_style or model.cfg.head_style
+    if head_weights is None and n_future == model.cfg.n_future:
+        head_weights = model.cfg.head_weights
+    if n_future == model.cfg.n_future and style == model.cfg.head_style \
+            and head_weights == model.cfg.head_weights:
         return model
     if model.cfg.per_head_unembedding:
         raise ValueError("--n-future: a model with a per-head unembedding keeps its heads")
     from dataclasses import replace
-    grown = MTPTransformer(replace(model.cfg, n_future=n_future))
+    grown = MTPTransformer(replace(model.cfg, n_future=n_future, head_style=style,
+                                   head_weights=head_weights))
+    keep = model.cfg.n_future if style == model.cfg.head_style else 1
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
     for k in range(n_future):
-        src = k if k < model.cfg.n_future else 0
-        state.update({f"heads.{k}.{name}": v for name, v in
-                      model.heads[src].state_dict().items()})
+        if k < keep:
+            src, prefix = model.heads[k], f"heads.{k}."
+        else:
+            src, prefix = model.heads[0], f"heads.{k}." + ("block." if k and grown.sequential else "")
+            state.update({f"heads.{k}.{name}": v for name, v in grown.heads[k].state_dict().items()
+                          if not name.startswith("block.")} if k and grown.sequential else {})
+        state.update({prefix + name: v for name, v in src.state_dict().items()})
     grown.load_state_dict(state)
     return grown
 
@@ -227,7 +245,7 @@ def calibrate_draft_tree(model: MTPTransformer, train_data: torch.Tensor,
     paths measured on greedy continuations of `prompts` evenly spaced windows of the training
     split; None for a model of one head."""
     L = model.cfg.max_seq_len
-    if model.cfg.n_future < 2 or L < 8:
+    if model.cfg.n_future < 2 or L < 8 or model.sequential:  # (sequential: no drafting yet)
         return None
     plen = min(64, L // 4)
     windows = torch.cat(eval_batches(train_data, prompts, 1, plen)).to(model.embed.weight.device)
@@ -263,6 +281,11 @@ def check_args(a: TrainArgs):
     if a.freeze_base and not (a.init_from or a.resume):
         raise ValueError("--freeze-base trains the heads of a trained model: pass --init-from "
                          "CHECKPOINT (or --resume a heads-only run)")
+    if a.head_style not in ("parallel", "sequential"):
+        raise ValueError(f"--head-style must be 'parallel' or 'sequential', got {a.head_style!r}")
+    if a.head_weights is not None and len(a.head_weights) != a.n_future:
+        raise ValueError(f"--head-weights needs one weight per head ({a.n_future}), got "
+                         f"{list(a.head_weights)}")
     if a.freeze_base and a.n_future < 2:
         raise ValueError("--freeze-base needs --n-future >= 2: heads 1.. are what trains")
 
@@ -348,13 +371,14 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     if found:
         model, ckpt = load_model(str(found[0]), found[1])
     elif init:
-        model = with_heads(init[0], a.n_future)
+        model = with_heads(init[0], a.n_future, a.head_style, a.head_weights)
         log(f"model from --init-from {a.init_from} (step {init[1].get('step')}, "
-            f"{init[0].cfg.n_future} heads; here {a.n_future}, any new one a copy of head 0): "
-            f"a new run at step 0")
+            f"{init[0].cfg.n_future} {init[0].cfg.head_style} heads; here {a.n_future} "
+            f"{a.head_style}, any new one a copy of head 0): a new run at step 0")
     else:
         cfg = MTPConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.layers,
-                        n_heads=a.attn_heads, n_future=a.n_future, max_seq_len=a.seq_len)
+                        n_heads=a.attn_heads, n_future=a.n_future, max_seq_len=a.seq_len,
+                        head_style=a.head_style, head_weights=a.head_weights)
         model = MTPTransformer(cfg)  # the same seed on every rank: the same initial weights
     dev = ctx.device
     if a.freeze_base:
@@ -393,6 +417,10 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     progress = Progress(a.steps) if ctx.is_main else None
     t0 = last_save = time.perf_counter()
     tokens = 0
+    eval_seconds = 0.0  # mid-run evaluations: left out of the history's training seconds
+
+    def trained_seconds() -> float:
+        return round(seconds_before + time.perf_counter() - t0 - eval_seconds - sum(saves), 2)
 
     def save(step: int, tree=None) -> Path:
         nonlocal last_save
@@ -436,8 +464,10 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
                 progress.update(step + 1, f"| {rate / 1e3:.1f}k tok/s | loss "
                                 + " ".join(f"h{k}:{v:.3f}" for k, v in enumerate(heads)))
             if (step + 1) % a.eval_every == 0 and step + 1 < a.steps:
+                seconds, t_eval = trained_seconds(), time.perf_counter()
                 vl, _ = evaluate(model, val, a.loss_impl, amp)
-                history.append({"step": step + 1, "val_losses": vl})
+                history.append({"step": step + 1, "val_losses": vl, "train_seconds": seconds})
+                eval_seconds += time.perf_counter() - t_eval
             if step + 1 == a.steps:
                 break  # the last step's checkpoint comes below, with the draft tree
             if stop_now:
@@ -454,8 +484,9 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         if progress:
             progress.close()
         train_time = time.perf_counter() - t0
+        seconds = trained_seconds()
         val_losses, val_acc = evaluate(model, val, a.loss_impl, amp)
-        history.append({"step": a.steps, "val_losses": val_losses})
+        history.append({"step": a.steps, "val_losses": val_losses, "train_seconds": seconds})
         # tree decoding's candidate tree, from the trained heads (one process: FSDP shards them)
         t1 = time.perf_counter()
         tree = None if ctx.enabled else calibrate_draft_tree(model, train_data)
