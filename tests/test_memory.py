@@ -10,6 +10,14 @@ from torch.profiler import profile
 import mtp_ext
 from mtp_ext import benchmark as B
 from mtp_ext import reference
+from mtp_ext._cpu_check import cpu_flags
+
+# A CPU without bf16 instructions (e.g. AVX2 only) runs ATen's bf16 GEMM at about 0.5 GFLOP/s
+# (against ~50 in fp32, measured on such an AMD EPYC): the large bf16 cases below would take
+# over 15 minutes there.
+slow_bf16_gemm = pytest.mark.skipif(not {"avx512_bf16", "amx_bf16"} & cpu_flags(),
+                                    reason="no bf16 instructions on this CPU: its bf16 GEMM "
+                                    "is emulated, far too slow at this shape")
 
 from conftest import as64, loss_and_grads, make_inputs, needs_cuda, norm_err, on
 
@@ -55,6 +63,7 @@ def gemm_calls(N, Dh, Vw, dtype):
 
 
 @pytest.mark.slow
+@slow_bf16_gemm
 def test_16bit_weight_gradient_in_one_chunk_where_it_costs_no_memory():
     """A 16-bit shared weight: when the 16-bit logits of every row take no more memory than the
     fp32 dW accumulator and the 64 MiB workspace, the loss is one chunk whose dW is one GEMM
@@ -97,7 +106,7 @@ def logits_rows(h, w, y):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=slow_bf16_gemm)])
 def test_chunks_see_enough_rows_for_the_weight_gradient(dtype, device):
     """Where a quarter of the [V, D] fp32 accumulation exceeds 64 MiB, the workspace takes as
     many rows as half of it holds (at most 2048): each chunk's dW product then has that many
