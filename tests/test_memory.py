@@ -35,7 +35,7 @@ def extra_over_gradients(path, n, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=slow_bf16_gemm)])
 def test_fused_peak_memory_is_flat_and_within_budget(dtype):
     extra = {}
     for n in (1, 4):
