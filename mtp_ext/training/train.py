@@ -62,7 +62,8 @@ def evaluate(model: MTPTransformer, batches, loss_impl: str = "fused",
 class Progress:
     """One status line, redrawn in place on a terminal, printed every ~10% otherwise."""
 
-    def __init__(self, total: int, stream=sys.stderr):
+    def __init__(self, total: int, stream=None):
+        stream = sys.stderr if stream is None else stream  # today's stderr, not import time's
         self.total, self.stream = total, stream
         self.tty = stream.isatty()
         self.last_print = -1
