@@ -26,11 +26,12 @@ const std::vector<SwitchInfo>& infos() {
       {"cpu_layout", "MTP_EXT_CPU_LAYOUT", {"auto", "vocab", "row"}},
       {"cpu_dw16", "MTP_EXT_CPU_DW16", {"auto", "mkl", "slabs"}},
       {"cuda_dw16", "MTP_EXT_CUDA_DW_SLABS", {"auto", "slabs"}},
+      {"cpu_gemm16", "MTP_EXT_CPU_GEMM16", {"auto", "native", "fp32"}},
   };
   return all;
 }
 
-std::atomic<int> values[4];
+std::atomic<int> values[5];
 std::once_flag env_read;
 
 std::string lower(std::string s) {

@@ -3,7 +3,7 @@
 Paths: fused (mtp_ext), reference (plain PyTorch), compiled (the reference under torch.compile),
 torch_chunked (PyTorch's own chunked F.linear_cross_entropy, one call per head) and the GEMM
 floor (the matrix products the loss must do: X W^T, G W, G^T X per head; X W^T alone for a
-forward). Times are medians of repeated runs in one process; peak memory is measured in a fresh
+forward; in fp32 where the CPU ops multiply 16-bit operands so, floor_operands). Times are medians of repeated runs in one process; peak memory is measured in a fresh
 process per path (`python -m mtp_ext.benchmark probe ...`) as the rise of peak RSS (CPU) or
 torch.cuda.max_memory_allocated (CUDA) over a warm step.
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import mtp_ext
-from mtp_ext import reference
+from mtp_ext import reference, switches
 from mtp_ext._checks import shift_labels
 
 PATHS = ("fused", "reference", "compiled", "torch_chunked", "gemm_floor")
@@ -68,6 +68,15 @@ def flops(case: Case) -> float:
     return (3 if case.backward else 1) * 2.0 * case.n * case.N * case.V * case.D
 
 
+def floor_operands(case: Case, *tensors):
+    """The GEMM floor's operands: in the input dtype, or in fp32 where the CPU ops multiply 16-bit
+    operands in fp32 (mtp_ext.switches.cpu_products_in_fp32: a CPU without the dtype's dot
+    products, whose 16-bit GEMMs are emulated), converted outside the timing."""
+    if case.device == "cpu" and switches.cpu_products_in_fp32(DTYPES[case.dtype]):
+        return tuple(t.float() for t in tensors)
+    return tensors
+
+
 def make_step(path: str, case: Case, inputs=None) -> Callable[[], None]:
     """A closure running one step of `path` on fresh leaves of the case's inputs (`inputs`:
     make_inputs(case), shared by several paths)."""
@@ -75,6 +84,7 @@ def make_step(path: str, case: Case, inputs=None) -> Callable[[], None]:
     if path == "gemm_floor":
         X = h0.reshape(case.n, case.N, case.D)
         G = torch.randn(case.N, case.V).to(h0.device, h0.dtype)
+        X, w0, G = floor_operands(case, X, w0, G)
 
         def floor():
             for k in range(case.n):
@@ -259,6 +269,7 @@ def best_layout_floor(case: Case, repeats: int = 3, inputs=None, log=print):
     X = h0.reshape(case.n, case.N, case.D)[0]
     W = w0[0] if case.per_head else w0
     G = torch.randn(case.N, case.V).to(h0.device, h0.dtype)
+    X, W, G = floor_operands(case, X, W, G)
     best = {}
     for product, layouts in PRODUCT_LAYOUTS.items():
         if not case.backward and product != "logits X W^T":

@@ -1,15 +1,16 @@
-"""The run-time switches: which CPU row kernels, logits layout and 16-bit weight-gradient GEMM
-the ops use, and whether decoding prepacks its weights. Each is read from its environment
-variable once (the ops' at their first use, which `import mtp_ext` makes; packed decoding at
-import) and changed afterwards only here: no environment variable is read per op call, per chunk
-or per decoding step, and changing one is a single atomic store (safe while other threads run
-ops).
+"""The run-time switches: which CPU row kernels, logits layout, 16-bit products and 16-bit
+weight-gradient GEMM the ops use, and whether decoding prepacks its weights. Each is read from
+its environment variable once (the ops' at their first use, which `import mtp_ext` makes; packed
+decoding at import) and changed afterwards only here: no environment variable is read per op
+call, per chunk or per decoding step, and changing one is a single atomic store (safe while other
+threads run ops).
 
     name            choices                       environment variable
     cpu_capability  auto, default, avx2, avx512   MTP_EXT_CPU_CAPABILITY
     cpu_layout      auto, vocab, row              MTP_EXT_CPU_LAYOUT
     cpu_dw16        auto, mkl, slabs              MTP_EXT_CPU_DW16
     cuda_dw16       auto, slabs                   MTP_EXT_CUDA_DW_SLABS (1: slabs)
+    cpu_gemm16      auto, native, fp32            MTP_EXT_CPU_GEMM16
     packed_decoding auto, off                     MTP_EXT_PACKED_DECODING (0: off)
 
 "auto" is the library's own choice (docs/design.md, docs/building.md)."""
@@ -30,6 +31,18 @@ _packed_decoding = {"0": "off"}.get(os.environ.get("MTP_EXT_PACKED_DECODING", ""
 def packed_decoding() -> bool:
     """The packed_decoding switch, for mtp_ext.decoding.packed_linear (a cached value)."""
     return _packed_decoding != "off"
+
+
+def cpu_products_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether the CPU ops multiply operands of this dtype in fp32 now (the cpu_gemm16 switch;
+    auto: bf16 and fp16 where the CPU lacks their dot-product instructions: AVX512-BF16 or
+    AMX-BF16, AVX512-FP16 or AMX-FP16)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    forced = get("cpu_gemm16")
+    if forced != "auto":
+        return forced == "fp32"
+    return not torch.ops.mtp_ext._cpu_gemm16_info()[5 if dtype == torch.bfloat16 else 6]
 
 
 def settings() -> Dict[str, str]:

@@ -101,22 +101,30 @@ HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine")
 
 
-MKL_MIXED_GEMM = bool(torch.ops.mtp_ext._cpu_dw16_gemm_info()[2])
+MKL_MIXED_GEMM = bool(torch.ops.mtp_ext._cpu_gemm16_info()[3])
 
 
-@pytest.fixture(params=["cpu-vocab-mkl", "cpu-row-slabs",
+def product_calls(prof) -> int:
+    """The CPU GEMMs of the loss in a torch.profiler trace: aten::mm/addmm_, with each fp32
+    product of 16-bit operands (a scope mtp_ext::*_fp32 of several slab GEMMs) counted once."""
+    names = [e.name for e in prof.events()]
+    fp32 = sum(n.startswith("mtp_ext::") and n.endswith("_fp32") for n in names)
+    return fp32 if fp32 else sum(n in ("aten::mm", "aten::addmm_") for n in names)
+
+
+@pytest.fixture(params=["cpu-vocab-native-mkl", "cpu-row-fp32",
                         pytest.param("cuda", marks=needs_cuda)])
 def device(request):
     """The device a test body runs on: the CPU with each of its forced kernel choices, and CUDA
     where a device is present. One test body for every device. The two CPU cases force both
-    layouts of fp32/fp64 logits (the cpu_layout switch) and both paths of the 16-bit weight
-    gradient (cpu_dw16; MKL's mixed GEMM where libtorch has it), whatever this CPU would
-    choose."""
+    layouts of fp32/fp64 logits (the cpu_layout switch) and both ways of multiplying 16-bit
+    operands (cpu_gemm16): natively, with MKL's mixed GEMM for the weight gradient where libtorch
+    has it (cpu_dw16), and in fp32, whatever this CPU would choose."""
     if request.param.startswith("cpu-"):
-        _, layout, dw16 = request.param.split("-")
-        force = dict(cpu_layout=layout)
-        if dw16 != "mkl" or MKL_MIXED_GEMM:
-            force["cpu_dw16"] = dw16
+        _, layout, gemm16, *dw16 = request.param.split("-")
+        force = dict(cpu_layout=layout, cpu_gemm16=gemm16)
+        if dw16 and MKL_MIXED_GEMM:
+            force["cpu_dw16"] = dw16[0]
         with switches.forced(**force):
             yield "cpu"
     else:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mtp_ext
-from mtp_ext import reference
+from mtp_ext import reference, switches
 
 from conftest import IGNORE, make_inputs, on, rel_err
 
@@ -159,13 +159,17 @@ def test_only_weight_requires_grad(cpu_layout):
 
 
 def test_opcheck_gemm_call_counter():
-    """The CPU's diagnostic op (which 16-bit weight-gradient GEMM ran) passes opcheck too."""
-    before = torch.ops.mtp_ext._cpu_dw16_gemm_info()[:2]
-    torch.library.opcheck(torch.ops.mtp_ext._cpu_dw16_gemm_info.default, ())
+    """The CPU's diagnostic op (which 16-bit GEMM path ran) passes opcheck too, and counts."""
+    info = torch.ops.mtp_ext._cpu_gemm16_info
+    torch.library.opcheck(info.default, ())
     h, w, _, y = make_inputs(8, 4, 20, torch.bfloat16, seed=1)
-    mtp_ext.linear_cross_entropy(h.requires_grad_(), w.requires_grad_(), y,
-                                 chunk_size=4).backward()  # 2 chunks: accumulated in fp32
-    assert sum(torch.ops.mtp_ext._cpu_dw16_gemm_info()[:2]) == sum(before) + 2
+    h, w = h.requires_grad_(), w.requires_grad_()
+    for gemm16, products in (("native", [2, 0]), ("fp32", [0, 6])):
+        before = info()[:3]
+        with switches.forced(cpu_gemm16=gemm16):  # 2 chunks: dW accumulated in fp32
+            mtp_ext.linear_cross_entropy(h, w, y, chunk_size=4).backward()
+        after = info()[:3]
+        assert [after[0] + after[1] - before[0] - before[1], after[2] - before[2]] == products
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -196,33 +196,47 @@ def test_fp16_bf16_logits_error_bounded(V, device):
                           reduction="mean", chunk_size=100, seed=77, device=device)
 
 
-@pytest.mark.parametrize("path", ["default", "mkl", "slabs"])
+@pytest.mark.parametrize("path", ["default", "mkl", "slabs", "fp32"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,D", [(200, 48), (40, 2048)])  # D = 2048: 3 slabs of <= 1024 rows
-def test_16bit_weight_gradient_paths(N, D, dtype, path):
-    """Each CPU path of the 16-bit weight gradient, forced (cpu_dw16), within the accuracy
-    bound, and it is that path that ran (the op counts the calls of each); by default MKL's
-    mixed GEMM, except bf16 on a CPU without AMX: the ATen slabs (4 MiB of product each)."""
-    info = torch.ops.mtp_ext._cpu_dw16_gemm_info
-    mkl_available, amx = info()[2:]
+def test_16bit_gemm_paths(N, D, dtype, path):
+    """Each CPU path of the 16-bit products, forced, within the accuracy bound, and it is that
+    path that ran (the op counts the calls of each): native 16-bit GEMMs with the weight
+    gradient through MKL's mixed GEMM or ATen's slabs (cpu_dw16), or every product in fp32
+    (cpu_gemm16). By default fp32 where the CPU lacks the type's dot products (AVX512-BF16 or
+    AMX-BF16; AVX512-FP16 or AMX-FP16), else MKL's mixed GEMM, except bf16 without AMX: the
+    slabs."""
+    info = torch.ops.mtp_ext._cpu_gemm16_info
+    mkl_available, amx, bf16_dot, fp16_dot = info()[3:]
+    if os.path.exists("/proc/cpuinfo"):
+        flags = cpu_flags()
+        assert amx == ("amx_bf16" in flags)
+        assert bf16_dot == bool({"avx512_bf16", "amx_bf16"} & flags)
+        assert fp16_dot == bool({"avx512_fp16", "amx_fp16"} & flags)
     if path == "mkl" and not mkl_available:
         pytest.skip("this libtorch exports no MKL mixed GEMM")
-    before = info()[:2]
-    with switches.forced(cpu_dw16="auto" if path == "default" else path):
+    force = {"default": {}, "fp32": dict(cpu_gemm16="fp32")}.get(
+        path, dict(cpu_gemm16="native", cpu_dw16=path))
+    before = info()[:3]
+    with switches.forced(**force):
         check_against_f64(dtype, N, D, 3001, {}, bias=True, reduction="mean", chunk_size=16,
                           seed=31)
-    ran = [a - b for a, b in zip(info()[:2], before)]
+    ran = [a - b > 0 for a, b in zip(info()[:3], before)]
     if path == "default":
-        if os.path.exists("/proc/cpuinfo"):
-            assert amx == ("amx_bf16" in cpu_flags())
-        path = "mkl" if (amx or dtype == torch.float16) and mkl_available else "slabs"
-    assert (ran[0] > 0, ran[1] > 0) == (path == "mkl", path == "slabs"), ran
+        if not (bf16_dot if dtype == torch.bfloat16 else fp16_dot):
+            path = "fp32"
+        else:
+            path = "mkl" if (amx or dtype == torch.float16) and mkl_available else "slabs"
+    assert ran == [path == "mkl", path == "slabs", path == "fp32"], ran
 
 
-def test_16bit_weight_gradient_bad_choice():
+def test_16bit_gemm_bad_choice():
     with pytest.raises(ValueError, match="switch cpu_dw16 must be one of auto, mkl, slabs, got "
                        "fast"):
         switches.set("cpu_dw16", "fast")
+    with pytest.raises(ValueError, match="switch cpu_gemm16 must be one of auto, native, fp32, "
+                       "got bf32"):
+        switches.set("cpu_gemm16", "bf32")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -52,7 +52,8 @@ def test_bad_value_names_it(value):
 
 @pytest.mark.parametrize("var,value", [("MTP_EXT_CPU_CAPABILITY", "avx1024"),
                                        ("MTP_EXT_CPU_LAYOUT", "diagonal"),
-                                       ("MTP_EXT_CPU_DW16", "fast")])
+                                       ("MTP_EXT_CPU_DW16", "fast"),
+                                       ("MTP_EXT_CPU_GEMM16", "bf32")])
 def test_bad_environment_fails_the_import(var, value):
     env = dict(os.environ, **{var: value})
     r = subprocess.run([sys.executable, "-c", "import mtp_ext"], env=env, capture_output=True,
@@ -73,12 +74,12 @@ def test_the_environment_is_read_once():
             ".backward()\n"
             "print(switches.settings(), mtp_ext.cpu_capability())\n")
     env = dict(os.environ, MTP_EXT_CPU_LAYOUT="row", MTP_EXT_CPU_DW16="slabs",
-               MTP_EXT_PACKED_DECODING="0", MTP_EXT_CPU_CAPABILITY="default")
+               MTP_EXT_CPU_GEMM16="native", MTP_EXT_PACKED_DECODING="0", MTP_EXT_CPU_CAPABILITY="default")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     first, second = r.stdout.splitlines()
     want = {"cpu_capability": "default", "cpu_layout": "row", "cpu_dw16": "slabs",
-            "cuda_dw16": "auto", "packed_decoding": "off"}
+            "cuda_dw16": "auto", "cpu_gemm16": "native", "packed_decoding": "off"}
     assert eval(first) == want and second == f"{want} default"
 
 

@@ -12,14 +12,15 @@ from mtp_ext import benchmark as B
 from mtp_ext import reference
 from mtp_ext._cpu_check import cpu_flags
 
-# A CPU without bf16 instructions (e.g. AVX2 only) runs ATen's bf16 GEMM at about 0.5 GFLOP/s
-# (against ~50 in fp32, measured on such an AMD EPYC): the large bf16 cases below would take
-# over 15 minutes there.
+# A CPU without bf16 instructions (e.g. AVX2 only) runs ATen's bf16 GEMM at 0.3-21 GFLOP/s
+# (against 134-165 in fp32, measured on such an AMD EPYC). The fused loss multiplies in fp32
+# there, but the accuracy bar of the large bf16 cases below is PyTorch's own bf16 path: over 15
+# minutes each there.
 slow_bf16_gemm = pytest.mark.skipif(not {"avx512_bf16", "amx_bf16"} & cpu_flags(),
-                                    reason="no bf16 instructions on this CPU: its bf16 GEMM "
-                                    "is emulated, far too slow at this shape")
+                                    reason="no bf16 instructions on this CPU: PyTorch's bf16 "
+                                    "path (the accuracy bar) is emulated, far too slow here")
 
-from conftest import as64, loss_and_grads, make_inputs, needs_cuda, norm_err, on
+from conftest import as64, loss_and_grads, make_inputs, needs_cuda, norm_err, on, product_calls
 
 MiB = 1 << 20
 BUDGET = 64 * MiB
@@ -35,7 +36,7 @@ def extra_over_gradients(path, n, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=slow_bf16_gemm)])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_fused_peak_memory_is_flat_and_within_budget(dtype):
     extra = {}
     for n in (1, 4):
@@ -54,12 +55,15 @@ def test_reference_path_is_caught_materializing_logits():
 
 
 def gemm_calls(N, Dh, Vw, dtype):
-    """The aten calls of one fused forward+backward (torch.profiler): GEMMs and zero-fills."""
+    """The calls of one fused forward+backward (torch.profiler): GEMMs ("products") and
+    zero-fills."""
     h, w, _, y = make_inputs(N, Dh, Vw, dtype, seed=3)
     h, w = h.requires_grad_(), w.requires_grad_()
     with profile() as prof:
         mtp_ext.linear_cross_entropy(h, w, y).backward()
-    return collections.Counter(e.name for e in prof.events())
+    calls = collections.Counter(e.name for e in prof.events())
+    calls["products"] = product_calls(prof)
+    return calls
 
 
 @pytest.mark.slow
@@ -72,11 +76,11 @@ def test_16bit_weight_gradient_in_one_chunk_where_it_costs_no_memory():
     chunk's gradients are within twice the PyTorch bf16 path's error against float64."""
     Dh, Vw = 256, 65536  # fp32 accumulator: 64 MiB; bound: 128 MiB of bf16 logits = 1024 rows
     one = gemm_calls(1024, Dh, Vw, torch.bfloat16)
-    assert one["aten::mm"] == 3 and one["aten::zeros"] == 0, one
+    assert one["products"] == 3 and one["aten::zeros"] == 0, one
     chunked = gemm_calls(1040, Dh, Vw, torch.bfloat16)
-    assert chunked["aten::mm"] > 3 and chunked["aten::zeros"] >= 1, chunked
+    assert chunked["products"] > 3 and chunked["aten::zeros"] >= 1, chunked
     fp32 = gemm_calls(1024, Dh, Vw, torch.float32)
-    assert fp32["aten::mm"] + fp32["aten::addmm_"] > 3, fp32
+    assert fp32["products"] > 3, fp32
     h, w, _, y = make_inputs(1024, Dh, Vw, torch.bfloat16, seed=4)
     want, want_g = loss_and_grads(reference.linear_cross_entropy, (as64(h), as64(w), y))
     own, own_g = loss_and_grads(reference.linear_cross_entropy, (h, w, y))
@@ -92,6 +96,9 @@ def logits_rows(h, w, y):
     with profile(record_shapes=True) as prof:
         loss, grads = loss_and_grads(mtp_ext.linear_cross_entropy, (h, w, y))
     D, V = w.shape[1], w.shape[0]
+    fp32 = [e for e in prof.events() if e.name == "mtp_ext::logits_fp32"]  # cpu_gemm16 fp32
+    if fp32:
+        return [list(e.input_shapes[0])[0] for e in fp32], loss, grads
     rows = []
     for e in prof.events():
         s = [list(x) for x in e.input_shapes]
@@ -125,8 +132,7 @@ def test_chunks_see_enough_rows_for_the_weight_gradient(dtype, device):
     # forward only (no weight gradient): the 64 MiB workspace
     with torch.no_grad(), profile(record_shapes=True) as prof:
         mtp_ext.linear_cross_entropy(h, w, y)
-    fwd = [e for e in prof.events() if e.name == "aten::mm"]
-    assert len(fwd) == -(-N // small), len(fwd)
+    assert product_calls(prof) == -(-N // small), product_calls(prof)
     h, w, y = h.cpu(), w.cpu(), y.cpu()
     want, want_g = loss_and_grads(reference.linear_cross_entropy, (as64(h), as64(w), y))
     if dtype == torch.float32:

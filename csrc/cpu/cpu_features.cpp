@@ -42,6 +42,21 @@ bool has_amx_bf16() {
   return yes;
 }
 
+bool has_avx512_bf16() {
+  static const bool yes = has_avx512() && Leaf(7, 1).bit(Leaf(7, 1).eax, 5);
+  return yes;
+}
+
+bool has_avx512_fp16() {
+  static const bool yes = has_avx512() && Leaf(7, 0).bit(Leaf(7, 0).edx, 23);
+  return yes;
+}
+
+bool has_amx_fp16() {
+  static const bool yes = Leaf(7, 1).bit(Leaf(7, 1).eax, 21);
+  return yes;
+}
+
 bool has_avx2() {
   static const bool yes = [] {
     const Leaf l1(1, 0), l7(7, 0);

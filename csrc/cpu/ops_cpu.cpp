@@ -46,6 +46,10 @@ class CpuKernels final : public DeviceKernels {
   void grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw) const override {
     gemm_grad_weight(g, x, dw);
   }
+  void grad_weight_out(const at::Tensor& g, const at::Tensor& x,
+                       const at::Tensor& dw) const override {
+    gemm_grad_weight_out(g, x, dw);
+  }
   // The vocabulary-major row kernel (kernels/strips_cpu.cpp) folds pass B into the GEMMs in the forward
   // with gradients (folded_gradient.h).
   std::unique_ptr<GradientFold> gradient_fold(const FoldRequest& request) const override {
@@ -84,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> fused_ce_stats_cpu(
 
 // No tensor argument, so no device to dispatch on: each is the library's one catch-all kernel.
 TORCH_LIBRARY_FRAGMENT(mtp_ext, m) {
-  m.def("_cpu_dw16_gemm_info() -> int[]", &dw16_gemm_info);
+  m.def("_cpu_gemm16_info() -> int[]", &gemm16_info);
   m.def("_cpu_capability() -> str", &cpu_capability);
   m.def("_cpu_capabilities() -> str[]", &cpu_capabilities);
 }
