@@ -53,7 +53,9 @@ BENCH_METHOD = """\
 - time: median of `--repeats` rounds after one warm-up step of each path; in each round every
   path runs once, the paths interleaved, on the same inputs (this machine's speed drifts
   between minutes). The GEMM floor as written (per head: `X W^T`, `G W`, `G^T X` in the
-  input dtype, the products the loss must do) is one of the paths; the best-layout floor
+  input dtype, the products the loss must do; in fp32, converted outside the timing, where the
+  CPU ops multiply 16-bit operands in fp32 for want of the CPU's 16-bit dot products) is one of
+  the paths; the best-layout floor
   (`--best-floor`, always with `--preset llm`) times each product in each operand layout
   (`mtp_ext.benchmark.PRODUCT_LAYOUTS`, contiguous copies made outside the timing) and adds
   the fastest of each. TFLOP/s: the floor's operations over the path's time.
