@@ -115,10 +115,15 @@ bool products_in_fp32(const at::Tensor& a) {
 class Fp32Slabs {
  public:
   Fp32Slabs(int64_t c, int64_t D, int64_t V)
-      : s_(std::min(V, std::max<int64_t>(64, kSlabBytes / (4 * std::max<int64_t>({1, c, D}))))),
+      : V_(V),
+        s_(std::min(V, std::max<int64_t>(64, kSlabBytes / (4 * std::max<int64_t>({1, c, D}))))),
         a_(at::empty({s_ * std::max(c, D)}, at::kFloat)),
         b_(at::empty({s_ * std::max(c, D)}, at::kFloat)) {}
-  int64_t rows() const { return s_; }
+  // f(v0, len) for each slab [v0, v0 + len) of the V vocabulary rows, in order
+  template <class F>
+  void each(F&& f) const {
+    for (int64_t v0 = 0; v0 < V_; v0 += s_) f(v0, std::min(s_, V_ - v0));
+  }
   // src (any dtype, at most s * max(c, D) elements) in fp32, contiguous, in temporary a or b
   at::Tensor a(const at::Tensor& src) { return into(a_, src); }
   at::Tensor b(const at::Tensor& src) { return into(b_, src); }
@@ -132,24 +137,24 @@ class Fp32Slabs {
     t.copy_(src);
     return t;
   }
-  int64_t s_;
+  int64_t V_, s_;
   at::Tensor a_, b_;
 };
 
+// Each product below is one profiler scope (mtp_ext::*_fp32, with the operands' shapes), as one
+// aten::mm is on the native path: the tests count them.
+
 // z[c, V] = x w^T with fp32 products, rounded once into z's dtype
-// Each is one profiler scope (mtp_ext::*_fp32, with the operands' shapes), as one aten::mm is on
-// the native path: the tests count them.
 void logits_fp32(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) {
   RECORD_FUNCTION("mtp_ext::logits_fp32", std::vector<c10::IValue>({x, w}));
   const int64_t c = x.size(0), D = x.size(1), V = w.size(0);
   Fp32Slabs slabs(c, D, V);
   const at::Tensor x32 = x.to(at::kFloat);
-  for (int64_t v0 = 0; v0 < V; v0 += slabs.rows()) {
-    const int64_t len = std::min(slabs.rows(), V - v0);
+  slabs.each([&](int64_t v0, int64_t len) {
     at::Tensor zl = slabs.b_empty(c, len);
     at::mm_out(zl, x32, slabs.a(w.narrow(0, v0, len)).t());
     z.narrow(1, v0, len).copy_(zl);
-  }
+  });
 }
 
 // dx[c, D] = g w accumulated over the slabs in fp32, rounded once into dx's dtype
@@ -158,15 +163,14 @@ void grad_input_fp32(const at::Tensor& g, const at::Tensor& w, const at::Tensor&
   const int64_t c = g.size(0), V = g.size(1), D = w.size(1);
   Fp32Slabs slabs(c, D, V);
   at::Tensor acc = at::empty({c, D}, at::kFloat);
-  for (int64_t v0 = 0; v0 < V; v0 += slabs.rows()) {
-    const int64_t len = std::min(slabs.rows(), V - v0);
+  slabs.each([&](int64_t v0, int64_t len) {
     const at::Tensor gl = slabs.a(g.narrow(1, v0, len)), wl = slabs.b(w.narrow(0, v0, len));
     if (v0 == 0) {
       at::mm_out(acc, gl, wl);
     } else {
       acc.addmm_(gl, wl);
     }
-  }
+  });
   const_cast<at::Tensor&>(dx).copy_(acc);
 }
 
@@ -177,8 +181,7 @@ void grad_weight_fp32(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   const int64_t c = g.size(0), V = g.size(1), D = x.size(1);
   Fp32Slabs slabs(c, D, V);
   const at::Tensor x32 = x.to(at::kFloat);
-  for (int64_t v0 = 0; v0 < V; v0 += slabs.rows()) {
-    const int64_t len = std::min(slabs.rows(), V - v0);
+  slabs.each([&](int64_t v0, int64_t len) {
     const at::Tensor gl = slabs.a(g.narrow(1, v0, len));
     at::Tensor out = dw.narrow(0, v0, len);
     if (accumulate) {
@@ -188,7 +191,7 @@ void grad_weight_fp32(const at::Tensor& g, const at::Tensor& x, const at::Tensor
       at::mm_out(p, gl.t(), x32);
       out.copy_(p);
     }
-  }
+  });
 }
 
 }  // namespace
