@@ -45,6 +45,24 @@ class MTPCausalLMOutput(ModelOutput):
     head_tokens: Optional[torch.LongTensor] = None    # [n] labelled positions of each head
 
 
+def heads_output(hidden, weight, labels, *, bias=None, head_weights=None, softcap=None,
+                 num_items_in_batch=None, chunk_size=None) -> MTPCausalLMOutput:
+    """mtp_loss over the heads' hidden states (head k at t learns labels[t + k + 1]) as a causal
+    LM's loss: each head's mean over its labelled tokens, or its sum / num_items_in_batch (what
+    Trainer passes under gradient accumulation), weighted by head_weights and summed."""
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    out = mtp_loss(hidden, weight, labels.to(hidden[0].device), bias=bias,
+                   head_weights=head_weights, softcap=softcap, reduction=reduction,
+                   chunk_size=chunk_size)
+    loss = out.loss
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return MTPCausalLMOutput(loss=loss, head_losses=out.head_losses,
+                             head_accuracy=out.head_accuracy, head_tokens=out.head_tokens)
+
+
 def _decoder_parts(model):
     """(decoder layers, final norm) of a supported causal LM."""
     base = model.base_model
@@ -197,17 +215,9 @@ class MTPForCausalLM(nn.Module):
                                          position_ids=position_ids, inputs_embeds=inputs_embeds,
                                          use_cache=False, **kwargs)
         head = self.model.get_output_embeddings()
-        reduction = "mean" if num_items_in_batch is None else "sum"
-        out = mtp_loss(hidden, head.weight, labels.to(hidden[0].device), bias=head.bias,
-                       head_weights=self.head_weights, softcap=softcap_of(self.model),
-                       reduction=reduction, chunk_size=self.chunk_size)
-        loss = out.loss
-        if num_items_in_batch is not None:
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
-        return MTPCausalLMOutput(loss=loss, head_losses=out.head_losses,
-                                 head_accuracy=out.head_accuracy, head_tokens=out.head_tokens)
+        return heads_output(hidden, head.weight, labels, bias=head.bias,
+                            head_weights=self.head_weights, softcap=softcap_of(self.model),
+                            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size)
 
     # activation (gradient) checkpointing: the base model's, on the extra heads too (Trainer
     # calls activation_checkpointing_enable; gradient_* are the older names)

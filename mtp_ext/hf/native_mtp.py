@@ -35,8 +35,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..loss import mtp_loss
-from .mtp_model import MTPCausalLMOutput
+from .mtp_model import heads_output
 
 # The MTP layer's own modules: checkpoints keep them beside the block's weights, one level up.
 _OWN = ("enorm", "hnorm", "eh_proj", "post_norm")
@@ -117,7 +116,7 @@ class NativeMTPForCausalLM(nn.Module):
 
     @classmethod
     def from_causal_lm(cls, model: nn.Module, **kwargs) -> "NativeMTPForCausalLM":
-        """New MTP layers (transformers' initialization) on `model`."""
+        """New MTP layers on `model`, initialized as its family initializes its layers."""
         return cls(model, **kwargs)
 
     @classmethod
@@ -205,18 +204,9 @@ class NativeMTPForCausalLM(nn.Module):
         if multiplier is not None:
             hidden = [h / multiplier for h in hidden]
         n = self.num_mtp_layers
-        head_weights = [1.0] + [self.mtp_weight / n] * n
-        reduction = "mean" if num_items_in_batch is None else "sum"
-        out = mtp_loss(hidden, weight, labels.to(hidden[0].device), bias=bias,
-                       head_weights=head_weights, reduction=reduction,
-                       chunk_size=self.chunk_size)
-        loss = out.loss
-        if num_items_in_batch is not None:
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
-        return MTPCausalLMOutput(loss=loss, head_losses=out.head_losses,
-                                 head_accuracy=out.head_accuracy, head_tokens=out.head_tokens)
+        return heads_output(hidden, weight, labels, bias=bias,
+                            head_weights=[1.0] + [self.mtp_weight / n] * n,
+                            num_items_in_batch=num_items_in_batch, chunk_size=self.chunk_size)
 
     def gradient_checkpointing_enable(self, **kwargs):
         """The base model's gradient checkpointing (the MTP layers run without it)."""
