@@ -119,12 +119,12 @@ constexpr int64_t kMinSlabRows = 1024;
 
 class Fp32Slabs {
  public:
-  Fp32Slabs(int64_t c, int64_t D, int64_t V)
+  Fp32Slabs(int64_t c, int64_t D, int64_t V, Fp32Buffers& buffers)
       : V_(V),
         s_(std::min(V, std::max<int64_t>(kMinSlabRows,
                                          kSlabBytes / (4 * std::max<int64_t>({1, c, D}))))),
-        a_(at::empty({s_ * std::max(c, D)}, at::kFloat)),
-        b_(at::empty({s_ * std::max(c, D)}, at::kFloat)) {}
+        a_(buffers.get(0, s_ * std::max(c, D))),
+        b_(buffers.get(1, s_ * std::max(c, D))) {}
   // f(v0, len) for each slab [v0, v0 + len) of the V vocabulary rows, in order
   template <class F>
   void each(F&& f) const {
@@ -147,15 +147,23 @@ class Fp32Slabs {
   at::Tensor a_, b_;
 };
 
+// x in fp32, in buffer 2
+at::Tensor as_fp32(const at::Tensor& x, Fp32Buffers& buf) {
+  at::Tensor t = buf.get(2, x.numel()).view(x.sizes());
+  t.copy_(x);
+  return t;
+}
+
 // Each product below is one profiler scope (mtp_ext::*_fp32, with the operands' shapes), as one
 // aten::mm is on the native path: the tests count them.
 
 // z[c, V] = x w^T with fp32 products, rounded once into z's dtype
-void logits_fp32(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) {
+void logits_fp32(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z,
+                 Fp32Buffers& buf) {
   RECORD_FUNCTION("mtp_ext::logits_fp32", std::vector<c10::IValue>({x, w}));
   const int64_t c = x.size(0), D = x.size(1), V = w.size(0);
-  Fp32Slabs slabs(c, D, V);
-  const at::Tensor x32 = x.to(at::kFloat);
+  Fp32Slabs slabs(c, D, V, buf);
+  const at::Tensor x32 = as_fp32(x, buf);
   slabs.each([&](int64_t v0, int64_t len) {
     at::Tensor zl = slabs.b_empty(c, len);
     at::mm_out(zl, x32, slabs.a(w.narrow(0, v0, len)).t());
@@ -164,11 +172,12 @@ void logits_fp32(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) 
 }
 
 // dx[c, D] = g w accumulated over the slabs in fp32, rounded once into dx's dtype
-void grad_input_fp32(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) {
+void grad_input_fp32(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx,
+                     Fp32Buffers& buf) {
   RECORD_FUNCTION("mtp_ext::grad_input_fp32", std::vector<c10::IValue>({g, w}));
   const int64_t c = g.size(0), V = g.size(1), D = w.size(1);
-  Fp32Slabs slabs(c, D, V);
-  at::Tensor acc = at::empty({c, D}, at::kFloat);
+  Fp32Slabs slabs(c, D, V, buf);
+  at::Tensor acc = buf.get(3, c * D).view({c, D});
   slabs.each([&](int64_t v0, int64_t len) {
     const at::Tensor gl = slabs.a(g.narrow(1, v0, len)), wl = slabs.b(w.narrow(0, v0, len));
     if (v0 == 0) {
@@ -182,11 +191,11 @@ void grad_input_fp32(const at::Tensor& g, const at::Tensor& w, const at::Tensor&
 
 // dw[V, D] (+)= g^T x: added into an fp32 accumulator, or written into a 16-bit dw (rounded once)
 void grad_weight_fp32(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw,
-                      bool accumulate) {
+                      bool accumulate, Fp32Buffers& buf) {
   RECORD_FUNCTION("mtp_ext::grad_weight_fp32", std::vector<c10::IValue>({g, x}));
   const int64_t c = g.size(0), V = g.size(1), D = x.size(1);
-  Fp32Slabs slabs(c, D, V);
-  const at::Tensor x32 = x.to(at::kFloat);
+  Fp32Slabs slabs(c, D, V, buf);
+  const at::Tensor x32 = as_fp32(x, buf);
   slabs.each([&](int64_t v0, int64_t len) {
     const at::Tensor gl = slabs.a(g.narrow(1, v0, len));
     at::Tensor out = dw.narrow(0, v0, len);
@@ -202,9 +211,19 @@ void grad_weight_fp32(const at::Tensor& g, const at::Tensor& x, const at::Tensor
 
 }  // namespace
 
-void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) {
+at::Tensor Fp32Buffers::get(int i, int64_t numel) {
+  at::Tensor& t = t_.at(i);
+  if (!t.defined() || t.numel() < numel) {
+    t = at::Tensor();  // the old one freed first
+    t = at::empty({numel}, at::kFloat);
+  }
+  return t.narrow(0, 0, numel);
+}
+
+void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z,
+                 Fp32Buffers& buffers) {
   if (products_in_fp32(x)) {
-    logits_fp32(x, w, z);
+    logits_fp32(x, w, z, buffers);
   } else if (z.stride(1) == 1) {
     at::mm_out(const_cast<at::Tensor&>(z), x, w.t());
   } else {  // vocabulary-major (float32/float64): z^T = w x^T
@@ -213,22 +232,24 @@ void gemm_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) 
   }
 }
 
-void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) {
+void gemm_grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx,
+                     Fp32Buffers& buffers) {
   if (products_in_fp32(g)) {
-    grad_input_fp32(g, w, dx);
+    grad_input_fp32(g, w, dx, buffers);
   } else {
     at::mm_out(const_cast<at::Tensor&>(dx), g, w);
   }
 }
 
-void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw_acc) {
+void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw_acc,
+                      Fp32Buffers& buffers) {
   const auto t = g.scalar_type();
   if (t == at::kFloat || t == at::kDouble) {
     const_cast<at::Tensor&>(dw_acc).addmm_(g.t(), x);
     return;
   }
   if (products_in_fp32(g)) {
-    grad_weight_fp32(g, x, dw_acc, /*accumulate=*/true);
+    grad_weight_fp32(g, x, dw_acc, /*accumulate=*/true, buffers);
     return;
   }
   const int64_t c = g.size(0), V = g.size(1), D = x.size(1);
@@ -255,9 +276,10 @@ void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   }
 }
 
-void gemm_grad_weight_out(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw) {
+void gemm_grad_weight_out(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw,
+                          Fp32Buffers& buffers) {
   if (products_in_fp32(g)) {
-    grad_weight_fp32(g, x, dw, /*accumulate=*/false);
+    grad_weight_fp32(g, x, dw, /*accumulate=*/false, buffers);
   } else {
     at::mm_out(const_cast<at::Tensor&>(dw), g.t(), x);
   }

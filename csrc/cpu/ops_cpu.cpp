@@ -34,27 +34,30 @@ class CpuKernels final : public DeviceKernels {
     }
   }
   void logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& z) const override {
-    gemm_logits(x, w, z);
+    gemm_logits(x, w, z, fp32_);
   }
   void rows(const RowChunkTensors& chunk) const override {
     const RowKernels& k = row_kernels();
     (chunk.vocab_major ? k.strips : k.rows)(chunk);
   }
   void grad_input(const at::Tensor& g, const at::Tensor& w, const at::Tensor& dx) const override {
-    gemm_grad_input(g, w, dx);
+    gemm_grad_input(g, w, dx, fp32_);
   }
   void grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor& dw) const override {
-    gemm_grad_weight(g, x, dw);
+    gemm_grad_weight(g, x, dw, fp32_);
   }
   void grad_weight_out(const at::Tensor& g, const at::Tensor& x,
                        const at::Tensor& dw) const override {
-    gemm_grad_weight_out(g, x, dw);
+    gemm_grad_weight_out(g, x, dw, fp32_);
   }
   // The vocabulary-major row kernel (kernels/strips_cpu.cpp) folds pass B into the GEMMs in the forward
   // with gradients (folded_gradient.h).
   std::unique_ptr<GradientFold> gradient_fold(const FoldRequest& request) const override {
     return folded_gradient(request);
   }
+
+ private:
+  mutable Fp32Buffers fp32_;  // one op call's (a CpuKernels per call)
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_ce_cpu(
