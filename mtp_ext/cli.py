@@ -243,16 +243,15 @@ def generate(args) -> int:
                    and not model.sequential)  # sequential MTP modules draft one chain
     if greedy_spec and args.chain:
         model.draft_tree = chain(model.cfg.n_future).paths
-    elif greedy_spec and model.draft_tree is None:  # a checkpoint from before draft trees
+    elif greedy_spec and model.draft_stats is None:  # a checkpoint from before the cost model
         files = load_corpus_files(ckpt["args"].get("data"))[0]
-        model.draft_tree = calibrate_draft_tree(model, tok.encode_corpus(files))
-        print(f"[draft tree of {len(model.draft_tree)} candidates calibrated on the training "
-              f"split]", file=sys.stderr)
+        model.draft_tree, model.draft_stats = calibrate_draft_tree(model, tok.encode_corpus(files))
+        print(f"[draft statistics calibrated on the training split]", file=sys.stderr)
 
     def run(speculative, new_tokens):
         return model.generate(prompt, new_tokens, speculative=speculative,
                               stop_token=args.stop_byte, temperature=args.temperature,
-                              top_k=args.top_k,
+                              top_k=args.top_k, plan=False if args.chain else None,
                               generator=torch.Generator(device).manual_seed(args.seed))
 
     modes = (True, False) if args.speculative else (False,)
@@ -265,7 +264,9 @@ def generate(args) -> int:
     ms = lambda o: 1e3 * o.wall_seconds / max(1, o.new_tokens)
     mode = "plain"
     if args.speculative:
-        mode = (f"speculative, tree of {len(model.draft_tree)} candidates" if greedy_spec
+        mode = ("speculative, the chain" if greedy_spec and args.chain
+                else f"speculative, planned: {out.plan.summary()}" if out.plan is not None
+                else f"speculative, tree of {len(model.draft_tree)} candidates" if greedy_spec
                 else "speculative sampling" if args.temperature > 0
                 else "speculative, the MTP modules' chain")
     line = (f"\n[{mode}] {st['new_tokens']} tokens, "
@@ -276,6 +277,11 @@ def generate(args) -> int:
         plain = run(False, args.max_new_tokens)
         line += (f", acceptance {acc}; plain decoding {ms(plain):.2f} ms/token, speedup "
                  f"{plain.wall_seconds / max(out.wall_seconds, 1e-9):.2f}x")
+    if out.plan is not None:  # what the cost model picked, and why
+        line += (f"\n[picked per batch size from measured step times and calibrated acceptance: "
+                 + "; ".join(out.plan.why.values())
+                 + f"; expected {out.plan.expected_tokens_per_second:.0f} tokens/s, measured "
+                 f"{out.tokens_per_second:.0f}]")
     print(line, file=sys.stderr)
     return 0
 
@@ -292,8 +298,9 @@ def _add_generate(sub):
                    help="self-speculative decoding with the extra heads (greedy, or "
                    "speculative sampling with --temperature)")
     g.add_argument("--chain", action="store_true",
-                   help="greedy speculative decoding with each head's top draft only, not the "
-                   "checkpoint's candidate tree")
+                   help="greedy speculative decoding with each head's top draft only, not what "
+                   "the cost model picks (a tree of the checkpoint's candidates, the chain or "
+                   "plain steps, per batch size)")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     g.add_argument("--stop-byte", type=int, default=None,

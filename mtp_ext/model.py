@@ -560,6 +560,7 @@ class MTPTransformer(nn.Module):
 
     draft_dtype: Optional[torch.dtype] = None  # of the draft heads in cached decoding
     draft_tree = None  # rank paths of greedy tree drafting (mtp_ext.decoding.generate); None: the chain
+    draft_stats = None  # {rank path: share}: the cost model's acceptance (mtp_ext.decoding.cost_model)
 
     def _draft_dtype(self) -> torch.dtype:
         """The draft heads' dtype in cached decoding: draft_dtype when set; by default bf16 for
@@ -618,13 +619,13 @@ class MTPTransformer(nn.Module):
     def generate(self, input_ids, max_new_tokens: int, *, speculative: bool = False,
                  stop_token: Optional[int] = None, temperature: float = 0.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 prompt_lengths=None, tree=None):
+                 prompt_lengths=None, tree=None, plan=None):
         """Plain or self-speculative decoding, greedy or sampled (temperature / top_k), greedy
-        with a tree of drafts; see mtp_ext.decoding.generate."""
+        with a tree of drafts or planned by the cost model; see mtp_ext.decoding.generate."""
         from .decoding.generate import generate
         return generate(self, input_ids, max_new_tokens, speculative=speculative,
                         stop_token=stop_token, temperature=temperature, top_k=top_k,
-                        generator=generator, prompt_lengths=prompt_lengths, tree=tree)
+                        generator=generator, prompt_lengths=prompt_lengths, tree=tree, plan=plan)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

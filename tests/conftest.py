@@ -1,7 +1,12 @@
 import math
+import os
+import tempfile
 
 import pytest
 import torch
+
+# decoding's measured step times (mtp_ext.decoding.cost_model) go to a fresh folder, not ~/.cache
+os.environ["MTP_EXT_CACHE_DIR"] = tempfile.mkdtemp(prefix="mtp_ext_test_cache_")
 
 import mtp_ext
 from mtp_ext import reference, switches

@@ -85,7 +85,7 @@ def test_speculative_equals_greedy(which, batch, request):
 
 def test_trained_model_accepts_drafts(trained):
     prompt = torch.tensor([list(b"def add(a, b):\n    return a + b\n")])
-    spec = trained.generate(prompt, 24, speculative=True)
+    spec = trained.generate(prompt, 24, speculative=True, plan=False)
     assert spec.tokens_per_forward > 1.5, spec.stats()
     assert all(0.0 <= a <= 1.0 for a in spec.acceptance)
 
@@ -181,8 +181,9 @@ def test_batched_speculation_keeps_each_sequences_run(trained):
     prompts = torch.zeros(4, max(lens), dtype=torch.long)
     for b, t in enumerate(text):
         prompts[b, :len(t)] = torch.tensor(list(t))
-    batch = trained.generate(prompts, 24, speculative=True, prompt_lengths=lens)
-    alone = [trained.generate(prompts[b:b + 1, :lens[b]], 24, speculative=True) for b in range(4)]
+    batch = trained.generate(prompts, 24, speculative=True, prompt_lengths=lens, plan=False)
+    alone = [trained.generate(prompts[b:b + 1, :lens[b]], 24, speculative=True, plan=False)
+             for b in range(4)]
     for b in range(4):
         assert torch.equal(batch.tokens[b, lens[b]:lens[b] + 24], alone[b].tokens[0, lens[b]:])
         assert int(batch.sequence_forwards[b]) == alone[b].forward_passes

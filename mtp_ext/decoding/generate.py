@@ -23,9 +23,11 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
+
+from .cost_model import STATS_PATHS, Plan, draft_statistics, ordered_paths
 
 
 @dataclass
@@ -43,6 +45,7 @@ class GenerateOutput:
                                             # (its own count, a stop token included)
     sequence_tokens: torch.Tensor = None    # [B] tokens generated, until a stop token
     sequence_forwards: torch.Tensor = None  # [B] forwards each sequence took part in
+    plan: Optional["PlanRecord"] = None     # planned decoding: what was picked and why
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -60,11 +63,30 @@ class GenerateOutput:
         """Per draft head k = 1..n-1: the share of its checked drafts that were accepted."""
         return [a / p if p else float("nan") for a, p in zip(self.head_accepted, self.head_proposed)]
 
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second, over the batch's sequences."""
+        return float(self.sequence_tokens.sum()) / max(self.wall_seconds, 1e-9)
+
     def stats(self) -> dict:
         return {"new_tokens": self.new_tokens, "forward_passes": self.forward_passes,
                 "tokens_per_forward": self.tokens_per_forward, "wall_seconds": self.wall_seconds,
-                "tokens_per_second": float(self.sequence_tokens.sum()) / max(self.wall_seconds, 1e-9),
-                "head_acceptance": self.acceptance}
+                "tokens_per_second": self.tokens_per_second, "head_acceptance": self.acceptance}
+
+
+@dataclass
+class PlanRecord:
+    """What planned decoding (mtp_ext.decoding.cost_model) did: `runs`, the (batch size, choice,
+    steps) of each stretch of steps with one choice; `why`, per batch size met, the choice and
+    the expected rates it beat; `expected_tokens_per_second` over the batch at its first size;
+    `timing_seconds`, spent measuring step times (0 when cached; not in wall_seconds)."""
+    runs: List[tuple] = field(default_factory=list)
+    why: Dict[int, str] = field(default_factory=dict)
+    expected_tokens_per_second: float = 0.0
+    timing_seconds: float = 0.0
+
+    def summary(self) -> str:
+        return ", then ".join(f"{name} at batch {B} ({k} steps)" for B, name, k in self.runs)
 
 
 class _Sampler:
@@ -187,28 +209,36 @@ def chain(n_future: int) -> "DraftTree":
 
 
 @torch.no_grad()
-def calibrate_tree(model, prompts, nodes: int = 16, new_tokens: int = 64) -> List[tuple]:
-    """Measures, on greedy continuations of prompts [P, L], the rank that each draft head k
-    gives the token greedy decoding then produces k + 1 places ahead, and returns the `nodes`
-    most frequent rank paths (prefixes first on ties): the tree that accepts the most tokens per
-    forward on such text, for its size."""
+def draft_ranks(model, prompts, new_tokens: int = 64) -> torch.Tensor:
+    """On greedy continuations of prompts [P, L]: per position, the rank that each draft head
+    k gives the token greedy decoding then produces k + 1 places ahead, [N, n-1]."""
     n = model.cfg.n_future
-    counts: dict = {}
+    rows = []
     for p in prompts:
         seq = generate(model, p[None], new_tokens).tokens
         logits = model.forward_cached(seq, model.new_caches(1))                 # [n, 1, S, V]
         start, S = p.shape[0] - 1, seq.shape[1]
         ranks = []
         for k in range(1, n):  # head k at position t drafts the token at t + k + 1
-            t = torch.arange(start, S - 1 - k)
+            t = torch.arange(start, S - 1 - k, device=seq.device)
             lg = logits[k, 0, t].float()
             ranks.append((lg > lg.gather(1, seq[0, t + k + 1, None])).sum(1))
         m = min(r.numel() for r in ranks)
-        for row in torch.stack([r[:m] for r in ranks], 1).tolist():
-            for d in range(1, n):
-                counts[tuple(row[:d])] = counts.get(tuple(row[:d]), 0) + 1
-    best = sorted(counts, key=lambda p: (-counts[p], len(p), p))
-    return best[:nodes]
+        rows.append(torch.stack([r[:m] for r in ranks], 1).cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, max(n - 1, 0), dtype=torch.long)
+
+
+def calibrate_draft(model, prompts, new_tokens: int = 64) -> List[List[tuple]]:
+    """draft_ranks of each of prompts [P, L], as rank rows (the cost model's acceptance,
+    mtp_ext.decoding.cost_model)."""
+    return draft_statistics([draft_ranks(model, p[None], new_tokens) for p in prompts])
+
+
+def calibrate_tree(model, prompts, nodes: int = 16, new_tokens: int = 64) -> List[tuple]:
+    """The `nodes` most frequent rank paths (prefixes first on ties) on greedy continuations
+    of prompts [P, L] (draft_ranks): the tree that accepts the most tokens per forward on such
+    text, for its size."""
+    return ordered_paths(calibrate_draft(model, prompts, new_tokens), nodes)
 
 
 def _tree(model, tree, speculative, temperature, room: int):
@@ -265,16 +295,21 @@ def _check(model, input_ids, max_new_tokens, speculative, temperature, top_k, pr
 def generate(model, input_ids, max_new_tokens: int, *, speculative: bool = False,
              stop_token=None, temperature: float = 0.0,
              top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
-             prompt_lengths=None, tree=None, top_p: float = 1.0) -> GenerateOutput:
+             prompt_lengths=None, tree=None, top_p: float = 1.0, plan=None) -> GenerateOutput:
     """input_ids [B, P]: prompts (right-padded when prompt_lengths [B] gives their lengths).
     Each sequence gets max_new_tokens tokens, or fewer up to and including its first stop token
     (stop_token: a token id or several; after a stop the first of them repeats).
     tree (greedy speculative decoding, a model with forward_tree): a DraftTree or its rank
-    paths; default the model's `draft_tree` when it has one, else each head's top draft."""
+    paths; default the model's `draft_tree` when it has one, else each head's top draft.
+    plan (greedy speculative decoding without a tree given): None (default) picks the tree,
+    the chain or plain steps per batch size from the cost model (mtp_ext.decoding.cost_model)
+    where the model has calibrated `draft_stats`, else decodes as above; False never; True
+    requires it; or a cost_model.Plan to use."""
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    tree = _tree(model, tree, speculative, temperature,
-                 model.cfg.max_seq_len - input_ids.shape[-1] - max_new_tokens)
+    room = model.cfg.max_seq_len - input_ids.shape[-1] - max_new_tokens
+    planned = _wants_plan(model, plan, tree, speculative, temperature)
+    tree = None if planned else _tree(model, tree, speculative, temperature, room)
     lens = _check(model, input_ids, max_new_tokens, speculative, temperature, top_k,
                   prompt_lengths, tree)
     B = input_ids.shape[0]
@@ -287,10 +322,37 @@ def generate(model, input_ids, max_new_tokens: int, *, speculative: bool = False
     was_training = model.training
     model.eval()
     try:
-        return _decode(model, input_ids, lens, max_new_tokens, speculative, stop_token,
-                       _Sampler(temperature, top_k, generator, top_p), tree)
+        secs = 0.0
+        if planned and not isinstance(plan, Plan):
+            plan, secs = _plan(model, B, room)
+        out = _decode(model, input_ids, lens, max_new_tokens, speculative, stop_token,
+                      _Sampler(temperature, top_k, generator, top_p), tree,
+                      plan if planned else None)
+        if out.plan is not None:
+            out.plan.timing_seconds = secs
+        return out
     finally:
         model.train(was_training)
+
+
+def _wants_plan(model, plan, tree, speculative, temperature) -> bool:
+    """Whether decoding is planned by the cost model (generate's `plan`)."""
+    if plan is not None and not isinstance(plan, (bool, Plan)):
+        raise ValueError(f"plan must be None, True, False or a cost_model.Plan, got {plan!r}")
+    if plan is False:
+        return False
+    able = (speculative and temperature <= 0 and tree is None and model.cfg.n_future > 1
+            and hasattr(model, "forward_tree") and not getattr(model, "sequential", False)
+            and getattr(model, "per_row_positions", False))
+    if plan is None:
+        return able and bool(getattr(model, "draft_stats", None))
+    if not able:
+        raise ValueError("plan: planned decoding is greedy speculative decoding (speculative="
+                         "True, temperature 0, tree=None) of a model with forward_tree")
+    if plan is True and not getattr(model, "draft_stats", None):
+        raise ValueError(f"plan=True: {type(model).__name__} has no draft_stats (calibrate "
+                         f"them: mtp_ext.decoding.generate.calibrate_draft)")
+    return True
 
 
 def _stop_tokens(stop_token) -> List[int]:
@@ -344,6 +406,7 @@ class _Decoding:
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.last = self.nxt = None
         self.drafts = None  # [A, n-1]: drafts made before the step (sequential MTP modules)
+        self.trunk = None   # [A, g, D]: the trunk's outputs of plain steps the draft heads lack
 
     def forward(self, ids):
         """The model on ids [A, T] after each active sequence's cached tokens."""
@@ -384,6 +447,8 @@ class _Decoding:
         self.last = self.last[:, keep]
         if self.drafts is not None:
             self.drafts = self.drafts[keep]
+        if self.trunk is not None:
+            self.trunk = self.trunk[keep]
         for c in self.caches:
             c.select(keep)
         return True
@@ -516,10 +581,12 @@ class _TreeSteps:
     """Greedy tree drafting (a model with forward_tree): each step verifies the candidate tree
     after the next token and keeps its longest confirmed path. While every sequence keeps all
     its drafts along the top ones, the next step verifies just those (the chain: fewer tokens);
-    otherwise the whole tree. `last` holds the draft heads' logits only."""
+    otherwise the whole tree (step_down=False: always the tree). `last` holds the draft
+    heads' logits only."""
 
-    def __init__(self, tree: DraftTree, n: int, device):
-        self.tree, self.top = tree.to(device), chain(n).to(device)
+    def __init__(self, tree: DraftTree, n: int, device, step_down: bool = True):
+        self.tree = tree.to(device)
+        self.top = chain(n).to(device) if step_down else self.tree
         self.use = self.tree
 
     def __call__(self, s: _Decoding):
@@ -543,8 +610,74 @@ class _TreeSteps:
         return s.emit(out.scatter_(1, run[:, None], s.nxt[:, None]), run + 1)
 
 
+def _trunk_step(s: _Decoding):
+    """A plain step that keeps the trunk's output (s.trunk) for the draft heads to catch up on
+    when planned decoding drafts again."""
+    model, dev = s.model, s.rows.device
+    head0, x = model.forward_tree(s.nxt[:, None], s.caches, s.pos,
+                                  torch.zeros(1, dtype=torch.long, device=dev),
+                                  torch.ones(1, 1, dtype=torch.bool, device=dev))
+    s.forwards += 1
+    s.fwd[s.rows] += 1
+    s.trunk = x if s.trunk is None else torch.cat([s.trunk, x], 1)
+    s.last = head0.transpose(0, 1)                                        # [1, A, V]
+    s.pos = s.pos + 1
+    s.nxt = head0[:, 0].argmax(-1)
+    return s.emit(s.nxt[:, None], torch.ones_like(s.nxt))
+
+
+class _PlannedSteps:
+    """Greedy decoding whose step is chosen per batch size by a cost model (Plan): tree steps of
+    the chosen tree, or plain steps; re-chosen when sequences leave. Plain steps keep the
+    trunk's outputs, which the draft heads run on before the next tree step (their cache and
+    logits catch up)."""
+
+    def __init__(self, plan: Plan, n: int, device, record: PlanRecord):
+        self.plan, self.n, self.device, self.record = plan, n, device, record
+        self.steps: dict = {}
+        self.again: dict = {}  # per batch size: whether a smaller one drafts
+
+    def __call__(self, s: _Decoding):
+        B = s.rows.numel()
+        c = self.plan.choose(B)
+        if B not in self.record.why:
+            self.record.why[B] = self.plan.why(B)
+        runs = self.record.runs
+        if runs and runs[-1][:2] == (B, c.name):
+            runs[-1] = (B, c.name, runs[-1][2] + 1)
+        else:
+            runs.append((B, c.name, 1))
+        if c.paths is None:  # plain; keeping the trunk's outputs where drafting may come back
+            again = self.again.setdefault(B, any(self.plan.choose(b).paths for b in range(1, B)))
+            if again:
+                return _trunk_step(s)
+            s.heads = 1  # for good: head 0 alone, the draft heads' cache left behind
+            return _plain_step(s)
+        if s.trunk is not None:  # after plain steps: the draft heads on the positions they lack
+            g = s.trunk.shape[1]
+            s.last = s.model.draft_forward(s.trunk, s.caches, s.pos - g)[:, :, -1]
+            s.trunk = None
+        if c.name not in self.steps:
+            self.steps[c.name] = _TreeSteps(DraftTree(c.paths, self.n), self.n, self.device,
+                                            step_down=False)
+        return self.steps[c.name](s)
+
+
+def _plan(model, batch: int, room: int):
+    """The cost model of greedy speculative decoding for this model and batch size, and the
+    seconds spent timing steps; None where the model has no draft_stats."""
+    from . import cost_model
+    stats = getattr(model, "draft_stats", None)
+    if not stats:
+        return None, 0.0
+    paths = cost_model.ordered_paths(stats)
+    cap = min(room - 1, cost_model.timing_room(model))
+    times, secs = cost_model.step_times(model, batch, paths, cap)
+    return Plan(stats, times, model.cfg.n_future, min(cap, len(paths))), secs
+
+
 def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
-            tree=None) -> GenerateOutput:
+            tree=None, plan=None) -> GenerateOutput:
     """Prefill, then steps until every sequence is done: tree drafting, blockwise drafting
     (the chain by forward_cached; greedy or sampled), the chain of sequential MTP modules, or
     plain decoding."""
@@ -554,6 +687,12 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
     s = _Decoding(model, input_ids, max_new, n if spec else 1, stop_token, sampler)
     if spec and getattr(model, "sequential", False):
         alive, step = _sequential_prefill(s, input_ids, lens), _sequential_step
+    elif plan is not None:
+        record = PlanRecord(expected_tokens_per_second=0.0)
+        alive = _prefill(s, input_ids, lens)
+        step, s.last = _PlannedSteps(plan, n, input_ids.device, record), s.last[1:]
+        B = input_ids.shape[0]
+        record.expected_tokens_per_second = B * plan.choose(B).rate
     elif tree is not None:
         alive = _prefill(s, input_ids, lens)
         step, s.last = _TreeSteps(tree, n, input_ids.device), s.last[1:]
@@ -562,4 +701,7 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
         step = _blockwise_step if spec else _plain_step
     while s.keep(alive):
         alive = step(s)
-    return s.output(input_ids, lens, time.perf_counter() - t0)
+    out = s.output(input_ids, lens, time.perf_counter() - t0)
+    if plan is not None:
+        out.plan = record
+    return out

@@ -18,7 +18,7 @@ from typing import Iterable, List, Tuple
 import torch
 
 KEYS = ("model", "config", "optimizer", "step", "args", "data_rng", "draft_tree", "tokenizer",
-        "progress")
+        "progress", "draft_stats")
 _CODE_MODULES = {"os", "posix", "nt", "subprocess", "builtins", "sys", "shutil", "runpy",
                  "importlib", "pty", "socket", "webbrowser", "code", "pickle", "marshal"}
 _PLAIN = (str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)

@@ -19,7 +19,8 @@ from . import tokenizer as tokenizers
 from . import run_dir
 from .checkpoint import read_checkpoint, write_checkpoint
 from .data import eval_batches, load_corpus, load_corpus_files, sample_batch  # noqa: F401
-from ..decoding.generate import DRAFT_TREE_NODES, calibrate_tree
+from ..decoding.cost_model import check_stats, ordered_paths
+from ..decoding.generate import DRAFT_TREE_NODES, calibrate_draft
 from ..model import LOSS_IMPLS, MTPConfig, MTPTransformer
 from .stop_signal import StopRequest
 
@@ -199,7 +200,7 @@ def _state_options():
 
 def checkpoint_state(model, opt, step: int, args: TrainArgs, gen: torch.Generator,
                      ctx: mdist.DistContext = mdist.DistContext(), draft_tree=None,
-                     tokenizer=None, progress=None) -> Optional[dict]:
+                     tokenizer=None, progress=None, draft_stats=None) -> Optional[dict]:
     """Everything an exact resume needs: the whole model and optimizer state, gathered from
     every rank (a collective under FSDP), the step (which gives the learning rate, lr_at), the
     batch sampler's RNG, the tokenizer and the settings; on rank 0 (None elsewhere). The same
@@ -210,7 +211,9 @@ def checkpoint_state(model, opt, step: int, args: TrainArgs, gen: torch.Generato
         return None
     return {"model": model_state, "config": mdist.unwrap(model).cfg.to_dict(),
             "optimizer": opt_state, "step": step, "args": vars(args), "data_rng": gen.get_state(),
-            "draft_tree": draft_tree, "tokenizer": tokenizer, "progress": progress}
+            "draft_tree": draft_tree, "tokenizer": tokenizer, "progress": progress,
+            "draft_stats": (None if draft_stats is None else
+                            [[list(row) for row in text] for text in draft_stats])}
 
 
 def save_checkpoint(path: Path, model, opt, step: int, args: TrainArgs, gen: torch.Generator,
@@ -237,20 +240,28 @@ def load_model(path: str, ckpt: Optional[dict] = None) -> Tuple[MTPTransformer, 
             for p in tree)):
         raise ValueError(f"checkpoint {path!r}: draft_tree is not a list of rank paths")
     model.draft_tree = [tuple(p) for p in tree] if tree is not None else None
+    stats = ckpt.get("draft_stats")
+    try:
+        model.draft_stats = (None if stats is None else
+                             check_stats(stats, model.cfg.n_future, "draft_stats"))
+    except ValueError as e:
+        raise ValueError(f"checkpoint {path!r}: {e}") from None
     return model, ckpt
 
 
 def calibrate_draft_tree(model: MTPTransformer, train_data: torch.Tensor,
                          nodes: int = DRAFT_TREE_NODES, prompts: int = 16):
-    """The candidate tree of greedy speculative decoding (mtp_ext.decoding.generate.DraftTree), its
-    paths measured on greedy continuations of `prompts` evenly spaced windows of the training
-    split; None for a model of one head."""
+    """The candidate tree of greedy speculative decoding (mtp_ext.decoding.generate.DraftTree)
+    and the draft statistics of its cost model (mtp_ext.decoding.cost_model: rank paths and
+    their shares), measured on greedy continuations of `prompts` evenly spaced windows of the
+    training split; (None, None) for a model of one head."""
     L = model.cfg.max_seq_len
     if model.cfg.n_future < 2 or L < 8 or model.sequential:  # (sequential: no drafting yet)
-        return None
+        return None, None
     plen = min(64, L // 4)
     windows = torch.cat(eval_batches(train_data, prompts, 1, plen)).to(model.embed.weight.device)
-    return calibrate_tree(model, windows, nodes, new_tokens=min(64, L - plen - 1))
+    stats = calibrate_draft(model, windows, new_tokens=min(64, L - plen - 1))
+    return ordered_paths(stats, nodes), stats
 
 
 def dist_backend() -> str:
@@ -423,13 +434,13 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
     def trained_seconds() -> float:
         return round(seconds_before + time.perf_counter() - t0 - eval_seconds - sum(saves), 2)
 
-    def save(step: int, tree=None) -> Path:
+    def save(step: int, tree=None, stats=None) -> Path:
         nonlocal last_save
         t = time.perf_counter()
         state = {"tokens": tokens_before + tokens, "history": history, "first_step": first_losses,
                  "train_seconds": seconds_before + t - t0}
         ckpt = checkpoint_state(model, opt, step, a, gen, ctx, draft_tree=tree,
-                                tokenizer=tok.to_dict(), progress=state)
+                                tokenizer=tok.to_dict(), progress=state, draft_stats=stats)
         if ckpt is not None:
             run_dir.save_step(out, step, ckpt, a.keep)
         last_save = time.perf_counter()
@@ -490,11 +501,11 @@ def _train(a: TrainArgs, log, ctx: mdist.DistContext) -> dict:
         history.append({"step": a.steps, "val_losses": val_losses, "train_seconds": seconds})
         # tree decoding's candidate tree, from the trained heads (one process: FSDP shards them)
         t1 = time.perf_counter()
-        tree = None if ctx.enabled else calibrate_draft_tree(model, train_data)
+        tree, stats = (None, None) if ctx.enabled else calibrate_draft_tree(model, train_data)
         if tree:
             log(f"draft tree for speculative decoding: {len(tree)} candidates, calibrated on the "
                 f"training split in {time.perf_counter() - t1:.1f} s")
-        step_file = save(a.steps, tree)
+        step_file = save(a.steps, tree, stats)
         ckpt_path = run_dir.publish_final(out, step_file) if ctx.is_main else out / run_dir.FINAL
     summary = {
         "steps": a.steps, "tokens": tokens, "train_seconds": train_time,
