@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-STATS_PATHS = 64       # rank paths kept from calibration (checkpoint key draft_stats)
+STATS_PATHS = 64       # the most frequent rank paths, whose prefixes are the candidate trees
 TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48)  # candidate trees: nodes below the root
 MARGIN = 1.05          # a drafting choice must beat plain decoding's expected rate by this
 TIMED_STEPS, WARM_STEPS = 8, 2
@@ -200,7 +200,7 @@ class Plan:
     def why(self, B: int, top: int = 3) -> str:
         """One line: the choice at B and the expected rates it was weighed against."""
         opts = sorted(self.options(B), key=lambda c: -c.rate)
-        shown = [c for c in opts[:top]] + [c for c in opts[top:] if c.name == "plain"]
+        shown = opts[:top] + [c for c in opts[top:] if c.name == "plain"]
         c = self.choose(B)
         return (f"batch {B}: {c.name} (expected, per sequence: " + "; ".join(
             f"{o.name} {o.tokens:.2f} tokens / {o.seconds * 1e3:.2f} ms = {o.rate:.0f} tok/s"

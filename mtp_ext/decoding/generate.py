@@ -27,7 +27,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .cost_model import STATS_PATHS, Plan, draft_statistics, ordered_paths
+from . import cost_model
+from .cost_model import Plan, draft_statistics, ordered_paths
 
 
 @dataclass
@@ -664,13 +665,10 @@ class _PlannedSteps:
 
 
 def _plan(model, batch: int, room: int):
-    """The cost model of greedy speculative decoding for this model and batch size, and the
-    seconds spent timing steps; None where the model has no draft_stats."""
-    from . import cost_model
-    stats = getattr(model, "draft_stats", None)
-    if not stats:
-        return None, 0.0
-    paths = cost_model.ordered_paths(stats)
+    """The cost model of greedy speculative decoding for this model (with draft_stats) and
+    batch size, and the seconds spent timing steps."""
+    stats = model.draft_stats
+    paths = ordered_paths(stats)
     cap = min(room - 1, cost_model.timing_room(model))
     times, secs = cost_model.step_times(model, batch, paths, cap)
     return Plan(stats, times, model.cfg.n_future, min(cap, len(paths))), secs
@@ -688,7 +686,7 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
     if spec and getattr(model, "sequential", False):
         alive, step = _sequential_prefill(s, input_ids, lens), _sequential_step
     elif plan is not None:
-        record = PlanRecord(expected_tokens_per_second=0.0)
+        record = PlanRecord()
         alive = _prefill(s, input_ids, lens)
         step, s.last = _PlannedSteps(plan, n, input_ids.device, record), s.last[1:]
         B = input_ids.shape[0]
