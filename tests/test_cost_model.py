@@ -214,3 +214,11 @@ def test_plan_errors(trained):  # noqa: F811
         C.check_stats([[(0, 1)]], 4)
     out = trained.generate(p, 8, speculative=True)  # planned by default: the record says so
     assert out.plan is not None and out.plan.why and out.plan.expected_tokens_per_second > 0
+
+
+def test_step_times_of_a_short_context(tmp_path, monkeypatch):
+    """A model whose max_seq_len holds a few steps only: timing starts new prompts as it needs."""
+    monkeypatch.setenv("MTP_EXT_CACHE_DIR", str(tmp_path))
+    model = tiny(seed=6, max_seq_len=24).float()
+    t, _ = C.step_times(model, 1, [(0,), (0, 0), (0, 0, 0), (1,)], C.timing_room(model))
+    assert set(t.tree[1]) == {2, 4, 5} and all(v > 0 for v in t.tree[1].values())

@@ -279,34 +279,37 @@ def measure_step_times(model, batches: Sequence[int], sizes: Sequence[int],
         s.last = s.last[1:]
         return s
 
-    def median(f):
-        out = []
+    def median(f, fresh, K):
+        out, s = [], fresh()
         for i in range(warm + steps):
+            if int(s.pos.max()) + K + n > model.cfg.max_seq_len:  # out of room: a new prompt
+                s = fresh()
             _sync(dev)
             t = time.perf_counter()
-            f()
+            f(s)
             _sync(dev)
             out.append(time.perf_counter() - t)
         return statistics.median(out[warm:])
 
-    def timed(B, step, heads=n):
-        s = decoding(B)
-        s.heads = heads
-        return median(lambda: step(s))
+    def timed(B, step, K, heads=n):
+        def fresh():
+            s = decoding(B)
+            s.heads = heads
+            return s
+        return median(step, fresh, K)
 
     def drafting(B, m):  # the draft heads on a kept path of m tokens
-        s = decoding(B)
         x = torch.randn(B, m, model.cfg.d_model, generator=g).to(model.embed.weight)
-        return median(lambda: model.draft_forward(x, s.caches, s.pos))
+        return median(lambda s: model.draft_forward(x, s.caches, s.pos), lambda: decoding(B), m)
 
     was = model.training
     model.eval()
     try:
         plain, tree, draft = {}, {}, {}
         for B in batches:
-            plain[B] = timed(B, _plain_step, heads=1)
+            plain[B] = timed(B, _plain_step, 1, heads=1)
             tree[B] = {m + 1: timed(B, _TreeSteps(DraftTree(paths[:m], n), n, dev,
-                                                  step_down=False)) for m in sizes}
+                                                  step_down=False), m + 1) for m in sizes}
             draft[B] = {m: drafting(B, m) for m in (1, n)}
         return StepTimes(plain, tree, draft)
     finally:
@@ -320,7 +323,7 @@ def grid(model, batch: int, max_nodes: int) -> Tuple[List[int], List[int]]:
         Bs.append(Bs[-1] * 2)
     n = model.cfg.n_future
     cap = min(max_nodes, max(TREE_SIZES))
-    sizes = sorted({m for m in (1, n - 1, 3, 7, 15, 24, 32, 48) if 1 <= m <= cap} | {cap})
+    sizes = sorted({m for m in (1, n - 1, 3, 7, 15, 24, 32, 48, cap) if 1 <= m <= cap})
     return Bs, sizes
 
 
@@ -350,9 +353,10 @@ def step_times(model, batch: int, paths: Sequence[tuple], max_nodes: int,
 
 
 def timing_room(model) -> int:
-    """The most tree nodes measure_step_times can time within the model's max_seq_len."""
+    """The most tree nodes measure_step_times can time within the model's max_seq_len (a tree
+    and the drafts after it, after a prompt)."""
     L, n = model.cfg.max_seq_len, model.cfg.n_future
-    return L - _prompt_len(model) - (TIMED_STEPS + WARM_STEPS) * n - 1
+    return L - _prompt_len(model) - n - 1
 
 
 def _prompt_len(model) -> int:
