@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <chrono>
 #include <memory>
 
 namespace mtp {
@@ -75,12 +76,15 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t C = p.chunk_rows;
   at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
-  const bool vocab_major = dev.vocab_major(store, C);
-  std::unique_ptr<GradientFold> folded;
+  const ChunkShape shape{store, C, p.x.size(1), V,
+                         grad ? (p.dx.defined() ? 1 : 0) | (p.dw_acc.defined() || p.dw_out.defined() ? 2 : 0) |
+                                    (p.lse_in.defined() ? 4 : 0)
+                              : 0};
+  std::unique_ptr<GradientFold> fold;  // used by the vocabulary-major chunks
   if (grad) {
-    FoldRequest req{p.x, p.w, p.opt, C, vocab_major, /*forward=*/!p.lse_in.defined(),
+    FoldRequest req{p.x, p.w, p.opt, C, /*forward=*/!p.lse_in.defined(),
                     /*weight_grad=*/p.dw_acc.defined()};
-    folded = dev.gradient_fold(req);
+    fold = dev.gradient_fold(req);
   }
   int64_t acc_head = -1;  // the head whose gradient dw_acc holds (with dw_out)
   auto flush_head = [&] {
@@ -93,6 +97,9 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     const int64_t c = end - start;
     const at::Tensor w = shared ? p.w : p.w.select(0, head);
     const at::Tensor x = p.x.narrow(0, start, c);
+    const bool vocab_major = dev.vocab_major(shape);
+    GradientFold* folded = vocab_major ? fold.get() : nullptr;
+    const auto t0 = std::chrono::steady_clock::now();
     RowChunkTensors rc;
     rc.z = vocab_major ? ws.narrow(0, 0, c * V).view({V, c}).t()
                        : ws.narrow(0, 0, c * V).view({c, V});
@@ -113,7 +120,14 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
     rc.row_offset = start;
     rc.write_grad = grad;
     dev.rows(rc);
-    if (!grad) continue;
+    auto timed = [&] {
+      const std::chrono::duration<double> dt = std::chrono::steady_clock::now() - t0;
+      dev.chunk_time(shape, vocab_major, c, dt.count());
+    };
+    if (!grad) {
+      timed();
+      continue;
+    }
     const at::Tensor& g = rc.z;  // now the gradient, or E when folded
     const int64_t w_head = shared ? 0 : head;
     if (p.dx.defined()) {
@@ -149,9 +163,10 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
         db.add_(g.sum(0, /*keepdim=*/false, db.scalar_type()));
       }
     }
+    timed();
   }
   flush_head();
-  if (folded) folded->finish(p.dw_acc);
+  if (fold) fold->finish(p.dw_acc);
 }
 
 // Every tensor of an op on hidden's device (the Python API checks this too; a direct op call

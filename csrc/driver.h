@@ -64,15 +64,23 @@ static RowChunk<A, S> row_chunk_of(const RowChunkTensors& c) {
 
 class DeviceKernels;
 
-// What the driver tells a device when it asks for a gradient fold (DeviceKernels::gradient_fold).
+// What the driver tells a device when it asks for a gradient fold (DeviceKernels::gradient_fold):
+// the fold serves the call's vocabulary-major chunks.
 struct FoldRequest {
   const at::Tensor& x;  // [R, D] hidden rows of all heads
   const at::Tensor& w;  // [V, D] or [n, V, D]
   const LossOptions& opt;
   int64_t chunk_rows;
-  bool vocab_major;  // the logits layout of this call (DeviceKernels::vocab_major)
   bool forward;      // the forward with gradients (the backward recomputes from a given lse)
   bool weight_grad;  // dW wanted
+};
+
+// The chunks of one call, as a device's layout choice sees them (DeviceKernels::vocab_major).
+struct ChunkShape {
+  at::ScalarType dtype;
+  int64_t chunk_rows, D, V;
+  int64_t work;  // what a chunk computes: bit 0 dX, bit 1 dW, bit 2 recomputed from a given lse,
+                 // 0 the forward alone
 };
 
 // A device's way of applying pass B inside the GEMMs instead of over the logits: the row kernel
@@ -99,10 +107,13 @@ class GradientFold {
 class DeviceKernels {
  public:
   virtual ~DeviceKernels() = default;
-  // The layout of the logits z[c, V] of this dtype with chunks of chunk_rows rows:
-  // vocabulary-major (z^T contiguous; the CPU in float32/float64 with large enough chunks, where
-  // MKL's logits GEMM is fastest so) or row-major.
-  virtual bool vocab_major(at::ScalarType, int64_t /*chunk_rows*/) const { return false; }
+  // The layout of the logits z[c, V] of the next chunk: vocabulary-major (z^T contiguous) or
+  // row-major. The CPU chooses per shape by timing both on a shape's first chunks
+  // (csrc/cpu/layout_choice.h); each chunk's time comes back through chunk_time.
+  virtual bool vocab_major(const ChunkShape&) const { return false; }
+  // The seconds a chunk of c rows took from its logits to its last gradient, in that layout.
+  virtual void chunk_time(const ChunkShape&, bool /*vocab_major*/, int64_t /*c*/,
+                          double /*seconds*/) const {}
   // Rows per chunk from the workspace budget are rounded down to a multiple of this (GEMM tiles).
   virtual int64_t chunk_row_multiple() const { return 1; }
   // Raises IndexError naming the first target outside [0, V) that is not ignore_index.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -43,6 +43,24 @@ def cpu_products_in_fp32(dtype: torch.dtype) -> bool:
     if forced != "auto":
         return forced == "fp32"
     return not torch.ops.mtp_ext._cpu_gemm16_info()[5 if dtype == torch.bfloat16 else 6]
+
+
+def cpu_layout_trials() -> List[Dict[str, object]]:
+    """The CPU's logits layout per chunk shape, as measured so far in this process (cpu_layout
+    auto; docs/design.md, "The CPU's two layouts"): per shape its dtype, chunk rows, D, V, the
+    chunk's work (bit 0 dX, bit 1 dW, bit 2 recomputed from a given lse), the choice ("vocab",
+    "row", or None while both are still being tried), the median microseconds per row of each
+    layout and the chunks timed."""
+    flat = torch.ops.mtp_ext._cpu_layout_trials()
+    dtypes = {6: "float32", 7: "float64", 15: "bfloat16", 5: "float16"}
+    out = []
+    for i in range(0, len(flat), 9):
+        d, c, D, V, work, choice, row_us, vocab_us, chunks = flat[i:i + 9]
+        out.append(dict(dtype=dtypes.get(int(d), str(int(d))), chunk_rows=int(c), D=int(D),
+                        V=int(V), work=int(work),
+                        choice={-1: None, 0: "row", 1: "vocab"}[int(choice)],
+                        row_us=row_us, vocab_us=vocab_us, chunks=int(chunks)))
+    return out
 
 
 def settings() -> Dict[str, str]:

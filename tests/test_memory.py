@@ -106,8 +106,8 @@ def logits_rows(h, w, y):
             continue
         if s[1] == [D, V]:                   # z = x w^T (row-major logits)
             rows.append(s[0][0])
-        elif w.dtype == torch.float32 and s[0] == [V, D] and s[1][:1] == [D]:
-            rows.append(s[1][1])             # z^T = w x^T (vocabulary-major, fp32 only)
+        elif s[0] == [V, D] and s[1][:1] == [D]:
+            rows.append(s[1][1])             # z^T = w x^T (vocabulary-major)
     return rows, loss, grads
 
 

@@ -64,7 +64,11 @@ class FoldedGradient final : public GradientFold {
 }  // namespace
 
 std::unique_ptr<GradientFold> folded_gradient(const FoldRequest& r) {
-  if (!r.forward || !r.vocab_major || r.opt.softcap != 0 || r.opt.vocab_total != 0) {
+  // 16-bit logits are not folded: E W would be rounded to 16 bits before t W_y is taken from it,
+  // and at a confident row the two nearly cancel.
+  const auto t = r.x.scalar_type();
+  if (!r.forward || r.opt.softcap != 0 || r.opt.vocab_total != 0 ||
+      (t != at::kFloat && t != at::kDouble)) {
     return nullptr;
   }
   return std::make_unique<FoldedGradient>(r);

@@ -7,8 +7,8 @@
 
 namespace mtp::cpu {
 
-// A fold for this call, or none: the forward with gradients of vocabulary-major logits without
-// softcap, on an unsharded vocabulary.
+// A fold for the vocabulary-major chunks of this call, or none: the forward with gradients of
+// float32/float64 logits without softcap, on an unsharded vocabulary.
 std::unique_ptr<GradientFold> folded_gradient(const FoldRequest& request);
 
 }  // namespace mtp::cpu

@@ -255,9 +255,10 @@ void gemm_grad_weight(const at::Tensor& g, const at::Tensor& x, const at::Tensor
   const int64_t c = g.size(0), V = g.size(1), D = x.size(1);
   if (MixedGemm f = mixed_gemm(t)) {
     g_calls[0].fetch_add(1, std::memory_order_relaxed);
-    f(kRowMajor, kTrans, kNoTrans, as_int(V), as_int(D), as_int(c), 1.f, u16(g),
-      as_int(g.stride(0)), u16(x), as_int(x.stride(0)), 1.f, dw_acc.data_ptr<float>(),
-      as_int(dw_acc.stride(0)));
+    const bool vocab_major = g.stride(1) != 1 || c == 1;  // g^T row-major [V, c]
+    f(kRowMajor, vocab_major ? kNoTrans : kTrans, kNoTrans, as_int(V), as_int(D), as_int(c), 1.f,
+      u16(g), as_int(vocab_major ? std::max<int64_t>(g.stride(1), c) : g.stride(0)), u16(x),
+      as_int(x.stride(0)), 1.f, dw_acc.data_ptr<float>(), as_int(dw_acc.stride(0)));
     return;
   }
   // Fallback: 16-bit GEMMs per vocabulary slab, each slab's product rounded to 16 bits once

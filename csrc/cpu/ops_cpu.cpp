@@ -7,20 +7,27 @@
 #include "cpu_capability.h"
 #include "folded_gradient.h"
 #include "gemm_cpu.h"
+#include "layout_choice.h"
 
 namespace mtp::cpu {
 namespace {
 
 class CpuKernels final : public DeviceKernels {
  public:
-  // float32/float64 with chunks of at least 256 rows: measured (interleaved with the row-major
-  // path, D = 1024) faster at 512 rows (V = 32768), even at 256 (V = 65536), slower at 130
-  // (V = 128256: a short GEMM and 9 strips for 2 threads). The cpu_layout switch (vocab | row;
-  // MTP_EXT_CPU_LAYOUT) forces one layout (the tests run both whatever their chunk size).
-  bool vocab_major(at::ScalarType t, int64_t chunk_rows) const override {
-    if (t != at::kFloat && t != at::kDouble) return false;
+  // Measured per chunk shape (layout_choice.h). Chunks too small to time: float32/float64
+  // vocabulary-major from 256 rows (measured faster at 512 rows, V = 32768, and at 256,
+  // V = 65536; slower at 130, V = 128256: 9 strips for 2 threads), 16-bit row-major (the
+  // vocabulary-major kernel converts lane by lane and adds a second sweep: the 16-bit
+  // gradient is not folded). The cpu_layout switch (vocab | row; MTP_EXT_CPU_LAYOUT) forces one
+  // layout (the tests run both whatever their chunk size).
+  bool vocab_major(const ChunkShape& s) const override {
     const int forced = switch_value(Switch::kCpuLayout);  // 0 auto, 1 vocab, 2 row
-    return forced ? forced == 1 : chunk_rows >= 256;
+    if (forced) return forced == 1;
+    const bool wide = s.dtype == at::kFloat || s.dtype == at::kDouble;
+    return choose_vocab_major(s, wide && s.chunk_rows >= 256);
+  }
+  void chunk_time(const ChunkShape& s, bool vocab_major, int64_t c, double seconds) const override {
+    if (!switch_value(Switch::kCpuLayout)) record_chunk_time(s, vocab_major, c, seconds);
   }
   void check_targets(const at::Tensor& targets, int64_t vocab, int64_t ignore) const override {
     const int64_t* t = targets.data_ptr<int64_t>();
@@ -94,6 +101,11 @@ TORCH_LIBRARY_FRAGMENT(mtp_ext, m) {
   m.def("_cpu_gemm16_info() -> int[]", &gemm16_info);
   m.def("_cpu_capability() -> str", &cpu_capability);
   m.def("_cpu_capabilities() -> str[]", &cpu_capabilities);
+  m.def("_cpu_layout_trials() -> float[]", [] {
+    std::vector<double> flat;
+    for (const auto& row : layout_trials()) flat.insert(flat.end(), row.begin(), row.end());
+    return flat;
+  });
 }
 
 TORCH_LIBRARY_IMPL(mtp_ext, CPU, m) {

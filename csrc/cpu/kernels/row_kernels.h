@@ -1,8 +1,8 @@
 // CPU row kernels: passes A and B of docs/design.md over one chunk, vectorized with at::vec.
-// Two layouts of the logits, chosen by the CPU device (ops_cpu.cpp, vocab_major): row-major,
-// vectorized along the vocabulary and parallel over rows (rows_cpu.cpp: 16-bit logits, and
-// float32/float64 in chunks of fewer than 256 rows), and vocabulary-major, vectorized across
-// rows (strips_cpu.cpp: float32/float64 in chunks of 256 rows or more).
+// Two layouts of the logits, chosen per chunk by the CPU device (ops_cpu.cpp, vocab_major;
+// layout_choice.h): row-major, vectorized along the vocabulary and parallel over rows
+// (rows_cpu.cpp), and vocabulary-major, vectorized across rows (strips_cpu.cpp). Both take every
+// dtype.
 //
 // The files of this folder are compiled once per CPU capability, as ATen compiles its kernels
 // (setup.py, CMakeLists.txt): with -DCPU_CAPABILITY=DEFAULT, AVX2 or AVX512 and that

@@ -17,30 +17,39 @@
 namespace mtp::cpu::CPU_CAPABILITY {
 namespace {
 
-// Float32/float64 logits in chunks of 256 rows or more are vocabulary-major on the CPU (the
-// logits GEMM z^T = W x^T is MKL's fastest layout there, ~10% faster than z = X W^T at the
-// reference shape; ops_cpu.cpp): logit j of row r is z[r + j * col_z]. The kernel works on strips of L = Vec<A>::size() consecutive rows, one
-// row per SIMD lane, walking the vocabulary in blocks of kBlock entries (a block of one
-// thread's rows stays in L1/L2).
+// Vocabulary-major logits (the layout the CPU device chose for the chunk: layout_choice.h):
+// logit j of row r is z[r + j * col_z]. The kernel works on strips of L = Vec<A>::size()
+// consecutive rows, one row per SIMD lane, walking the vocabulary in blocks of kBlock entries (a
+// block of one thread's rows stays in L1/L2).
 template <class A>
 using Vec = at::vec::Vectorized<A>;
 constexpr int64_t kBlock = 32;
 
-// `lanes` consecutive values as a Vec<A> (lanes beyond are 0), and back. Only float32/float64
-// logits are vocabulary-major: storage and arithmetic types agree.
+// `lanes` consecutive values as a Vec<A> (lanes beyond are 0), and back. 16-bit logits (S
+// bfloat16 or half) are converted to and from A = float through a lane buffer.
 template <class A, class S>
 Vec<A> load(const S* p, int64_t lanes) {
-  static_assert(std::is_same_v<A, S>);
-  return lanes == Vec<A>::size() ? Vec<A>::loadu(p) : Vec<A>::loadu(p, lanes);
+  if constexpr (std::is_same_v<A, S>) {
+    return lanes == Vec<A>::size() ? Vec<A>::loadu(p) : Vec<A>::loadu(p, lanes);
+  } else {
+    alignas(64) A buf[Vec<A>::size()] = {};
+    at::vec::convert(p, buf, lanes);
+    return Vec<A>::loadu(buf);
+  }
 }
 
 template <class A, class S>
 void store(const Vec<A>& v, S* p, int64_t lanes) {
-  static_assert(std::is_same_v<A, S>);
-  if (lanes == Vec<A>::size()) {
-    v.store(p);
+  if constexpr (std::is_same_v<A, S>) {
+    if (lanes == Vec<A>::size()) {
+      v.store(p);
+    } else {
+      v.store(p, lanes);
+    }
   } else {
-    v.store(p, lanes);
+    alignas(64) A buf[Vec<A>::size()];
+    v.store(buf);
+    at::vec::convert(buf, p, lanes);
   }
 }
 
@@ -198,7 +207,7 @@ void raise_reference(const Strip<A, S>& s, int64_t j0, const A* block_max, Runni
     if (!(block_max[l] > ref_l[l] + A(kHeadroom))) continue;
     const A f = Math<A>::exp(ref_l[l] - block_max[l]);
     se_l[l] *= f;
-    for (int64_t j = 0; j < j0; ++j) s.at(j)[l] *= f;
+    for (int64_t j = 0; j < j0; ++j) s.at(j)[l] = S(A(s.at(j)[l]) * f);
     ref_l[l] = block_max[l];
     raised = true;
   }
@@ -319,7 +328,7 @@ void strips_typed(const RowChunkTensors& c) {
   // LaneGrad compares vocabulary indices as A: exact up to 2^24 (float32).
   TORCH_CHECK(p.opt.vocab <= (int64_t(1) << std::numeric_limits<A>::digits),
               "mtp_ext: a vocabulary of ", p.opt.vocab, " entries is too large for ",
-              sizeof(A) == 4 ? "float32" : "float64", " on the CPU");
+              sizeof(A) == 4 ? "float32 arithmetic" : "float64", " on the CPU");
   constexpr int64_t L = Vec<A>::size();
   const int64_t strips = (p.rows + L - 1) / L;
   // Each thread takes a contiguous range of strips (a few rows make one strip and one thread:
@@ -332,7 +341,7 @@ void strips_typed(const RowChunkTensors& c) {
 }  // namespace
 
 void strips(const RowChunkTensors& c) {
-  AT_DISPATCH_FLOATING_TYPES(c.z.scalar_type(), "mtp_ext_strips", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.z.scalar_type(), "mtp_ext_strips", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     strips_typed<acc_t, scalar_t>(c);
   });
