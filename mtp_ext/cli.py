@@ -50,7 +50,8 @@ def _commit() -> str:
 
 
 BENCH_METHOD = """\
-- time: median of `--repeats` rounds after one warm-up step of each path; in each round every
+- time: median of `--repeats` rounds after one warm-up step of each path (the fused path on
+  the CPU: until it has chosen its logits layout, logged); in each round every
   path runs once, the paths interleaved, on the same inputs (this machine's speed drifts
   between minutes). The GEMM floor as written (per head: `X W^T`, `G W`, `G^T X` in the
   input dtype, the products the loss must do; in fp32, converted outside the timing, where the
