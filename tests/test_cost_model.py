@@ -145,6 +145,30 @@ def test_planned_decoding_equals_greedy(trained, schedule):  # noqa: F811
         assert out.plan.runs[-1][1] == f"tree of {len(tree)}"
 
 
+def test_plain_for_good_where_no_sequence_can_leave_early(trained, monkeypatch):  # noqa: F811
+    """Plain steps at a batch size whose smaller sizes would draft, but without a stop token
+    and with every sequence at the same count: they all end together, so the steps run head 0
+    alone (no trunk outputs kept for a catch-up that cannot come) and give greedy's tokens."""
+    model, n = trained, trained.cfg.n_future
+    order = C.ordered_paths(model.draft_stats)
+    kept = []
+    trunk_step = G._trunk_step
+    monkeypatch.setattr(G, "_trunk_step", lambda s: kept.append(1) or trunk_step(s))
+    g = torch.Generator().manual_seed(8)
+    lens = [5, 9, 7]
+    prompts = torch.randint(32, 127, (3, 9), generator=g)
+    alone = _greedy_alone(model, prompts, lens, 16)
+    out = model.generate(prompts, 16, speculative=True, prompt_lengths=lens,
+                         plan=Fixed(lambda B: None if B > 1 else tuple(order[:6]), n))
+    for b in range(3):
+        assert out.tokens[b, lens[b]:lens[b] + 16].tolist() == alone[b].tokens[0, lens[b]:].tolist()
+    assert [(B, name) for B, name, _ in out.plan.runs] == [(3, "plain")] and not kept
+    stop = int(alone[0].tokens[0, lens[0] + 3])  # a stop token: sequences may leave, trunk kept
+    model.generate(prompts, 16, speculative=True, prompt_lengths=lens, stop_token=stop,
+                   plan=Fixed(lambda B: None if B > 1 else tuple(order[:6]), n))
+    assert kept
+
+
 def test_draft_heads_catch_up_after_plain_steps():
     """After plain steps (which run the trunk and head 0 alone), the draft heads run on the
     trunk's outputs they missed: their logits and caches are those of a full forward."""

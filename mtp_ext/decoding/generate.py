@@ -649,7 +649,8 @@ class _PlannedSteps:
         else:
             runs.append((B, c.name, 1))
         if c.paths is None:  # plain; keeping the trunk's outputs where drafting may come back
-            again = self.again.setdefault(B, any(self.plan.choose(b).paths for b in range(1, B)))
+            again = self.again.setdefault(B, any(self.plan.choose(b).paths for b in range(1, B))
+                                          and _may_leave_early(s))
             if again:
                 return _trunk_step(s)
             s.heads = 1  # for good: head 0 alone, the draft heads' cache left behind
@@ -662,6 +663,14 @@ class _PlannedSteps:
             self.steps[c.name] = _TreeSteps(DraftTree(c.paths, self.n), self.n, self.device,
                                             step_down=False)
         return self.steps[c.name](s)
+
+
+def _may_leave_early(s: _Decoding) -> bool:
+    """Whether a sequence can end before the others: with stop tokens, or when they have made
+    different numbers of tokens (plain steps make one for each). Otherwise plain decoding ends
+    them all at once, and the batch never shrinks to a size that drafts."""
+    made = s.made[s.rows]
+    return s.stop is not None or bool((made != made[0]).any())
 
 
 def _plan(model, batch: int, room: int):
