@@ -76,10 +76,10 @@ void run_chunks(const DeviceKernels& dev, const Pass& p) {
   const int64_t C = p.chunk_rows;
   at::Tensor ws = at::empty({C * V}, p.x.options());
   const bool grad = p.scales.defined();
-  const ChunkShape shape{store, C, p.x.size(1), V,
-                         grad ? (p.dx.defined() ? 1 : 0) | (p.dw_acc.defined() || p.dw_out.defined() ? 2 : 0) |
-                                    (p.lse_in.defined() ? 4 : 0)
-                              : 0};
+  const bool weight_grad = p.dw_acc.defined() || p.dw_out.defined();
+  const int64_t work =
+      grad ? (p.dx.defined() ? 1 : 0) | (weight_grad ? 2 : 0) | (p.lse_in.defined() ? 4 : 0) : 0;
+  const ChunkShape shape{store, C, p.x.size(1), V, work};
   std::unique_ptr<GradientFold> fold;  // used by the vocabulary-major chunks
   if (grad) {
     FoldRequest req{p.x, p.w, p.opt, C, /*forward=*/!p.lse_in.defined(),
