@@ -77,13 +77,20 @@ def floor_operands(case: Case, *tensors):
     return tensors
 
 
-def make_step(path: str, case: Case, inputs=None) -> Callable[[], None]:
+def floor_gradient(case: Case, h0: torch.Tensor) -> torch.Tensor:
+    """The GEMM floors' stand-in for the logits' gradient: [N, V], random, in the input dtype."""
+    return torch.randn(case.N, case.V).to(h0.device, h0.dtype)
+
+
+def make_step(path: str, case: Case, inputs=None, G: Optional[torch.Tensor] = None
+              ) -> Callable[[], None]:
     """A closure running one step of `path` on fresh leaves of the case's inputs (`inputs`:
-    make_inputs(case), shared by several paths)."""
+    make_inputs(case), shared by several paths; G: the gemm_floor's gradient operand, shared
+    with the best-layout floor)."""
     h0, w0, labels = inputs or make_inputs(case)
     if path == "gemm_floor":
         X = h0.reshape(case.n, case.N, case.D)
-        G = torch.randn(case.N, case.V).to(h0.device, h0.dtype)
+        G = floor_gradient(case, h0) if G is None else G
         X, w0, G = floor_operands(case, X, w0, G)
 
         def floor():
@@ -260,26 +267,56 @@ PRODUCT_LAYOUTS = {
 }
 
 
-def best_layout_floor(case: Case, repeats: int = 3, inputs=None, log=print):
-    """The GEMM floor with each product in its fastest layout on this machine: per product the
-    median of `repeats` runs of each layout (PRODUCT_LAYOUTS; the contiguous copies made
-    outside the timing), the fastest kept; one head's products times n. Returns (seconds,
-    {product: (fastest layout, seconds per head)})."""
-    h0, w0, _ = inputs or make_inputs(case)
-    X = h0.reshape(case.n, case.N, case.D)[0]
-    W = w0[0] if case.per_head else w0
-    G = torch.randn(case.N, case.V).to(h0.device, h0.dtype)
-    X, W, G = floor_operands(case, X, W, G)
-    best = {}
-    for product, layouts in PRODUCT_LAYOUTS.items():
-        if not case.backward and product != "logits X W^T":
-            continue
-        for name, make in layouts.items():
-            t = statistics.median(time_step(make(X, W, G), case.device, repeats))
-            log(f"    {product}: {name} {t:.3f} s")
+class LayoutFloor:
+    """The best-layout floor, timed in the rounds of `compare` beside the paths: each call of
+    time_round runs every product once in each operand layout (PRODUCT_LAYOUTS; the contiguous
+    copies made before the timing and freed after it, so one copy lives at a time). result():
+    per layout the median over rounds, the fastest layout of each product, one head's products
+    times n. G: the floor's gradient operand [N, V] (shared with the gemm_floor path)."""
+
+    def __init__(self, case: Case, inputs=None, G: Optional[torch.Tensor] = None):
+        h0, w0, _ = inputs or make_inputs(case)
+        X = h0.reshape(case.n, case.N, case.D)[0]
+        W = w0[0] if case.per_head else w0
+        G = floor_gradient(case, h0) if G is None else G
+        self.case = case
+        self.X, self.W, self.G = floor_operands(case, X, W, G)
+        self.products = [p for p in PRODUCT_LAYOUTS if case.backward or p == "logits X W^T"]
+        self.times: Dict[tuple, List[float]] = {}
+
+    def time_round(self, log=None) -> float:
+        """One run of every layout of every product; returns this round's best-layout sum."""
+        best = {}
+        for product in self.products:
+            for name, make in PRODUCT_LAYOUTS[product].items():
+                fn = make(self.X, self.W, self.G)
+                t = time_once(fn, self.case.device)
+                del fn
+                self.times.setdefault((product, name), []).append(t)
+                if log:
+                    log(f"    {product}: {name} {t:.3f} s")
+                best[product] = min(best.get(product, t), t)
+        return self.case.n * sum(best.values())
+
+    def result(self):
+        """(seconds, {product: (fastest layout, median seconds per head)})."""
+        best = {}
+        for (product, name), ts in self.times.items():
+            t = statistics.median(ts)
             if product not in best or t < best[product][1]:
                 best[product] = (name, t)
-    return case.n * sum(t for _, t in best.values()), best
+        return self.case.n * sum(t for _, t in best.values()), best
+
+
+def best_layout_floor(case: Case, repeats: int = 3, inputs=None, log=print):
+    """The best-layout floor alone (LayoutFloor for `repeats` rounds, after one warm-up run of
+    each layout). Returns (seconds, {product: (fastest layout, seconds per head)})."""
+    floor = LayoutFloor(case, inputs)
+    floor.time_round()
+    floor.times.clear()
+    for _ in range(repeats):
+        floor.time_round(log)
+    return floor.result()
 
 
 def settle_layouts(step: Callable[[], None], log=print, most: int = 6) -> None:
@@ -302,9 +339,11 @@ def compare(case: Case, paths=PATHS, repeats: int = 3, memory: bool = True, best
             log=print) -> List[Row]:
     """Every path's median time over `repeats` rounds, the paths interleaved within each round
     (after one warm-up step each) on the same inputs; a path whose memory_need does not fit is
-    left out, and one that fails is reported; each against the GEMM floor as written (and the
-    best-layout floor with best_floor), and peak memory per path in a fresh process."""
+    left out, and one that fails is reported; each against the GEMM floor as written (and, with
+    best_floor, the best-layout floor, its layouts timed in the same rounds: LayoutFloor), and
+    peak memory per path in a fresh process."""
     inputs = make_inputs(case)
+    G = floor_gradient(case, inputs[0]) if best_floor or "gemm_floor" in paths else None
     steps, times = {}, {}
     for p in paths:
         if not fits(p, case):
@@ -313,22 +352,34 @@ def compare(case: Case, paths=PATHS, repeats: int = 3, memory: bool = True, best
             continue
         log(f"  warming {p} ...")
         try:
-            steps[p] = make_step(p, case, inputs)
+            steps[p] = make_step(p, case, inputs, G=G)
             steps[p]()  # compiles, allocates
             if p == "fused" and case.device == "cpu":
                 settle_layouts(steps[p], log)
         except Exception as e:  # a path that cannot run this case is reported, not fatal
             log(f"  {p} failed: {type(e).__name__}: {e}")
             steps.pop(p, None)
+    layouts = None
+    if best_floor:  # timed in the same rounds as the paths: the machine's drift hits both
+        log("  warming the best-layout floor ...")
+        layouts = LayoutFloor(case, inputs, G)
+        layouts.time_round()
+        layouts.times.clear()
     for r in range(repeats):
         for p, step in steps.items():
             times.setdefault(p, []).append(time_once(step, case.device))
-        log(f"  round {r + 1}: " + "  ".join(f"{p} {t[-1]:.3f}" for p, t in times.items()))
+        line = "  ".join(f"{p} {t[-1]:.3f}" for p, t in times.items())
+        if layouts:
+            line += f"  best-layout floor {layouts.time_round(log):.3f}"
+        log(f"  round {r + 1}: " + line)
     steps.clear()
     best = None
-    if best_floor:
-        log("  best-layout floor ...")
-        best = best_layout_floor(case, repeats, inputs, log)[0]
+    if layouts:
+        best, chosen = layouts.result()
+        for product, (name, t) in chosen.items():
+            log(f"    best layout of {product}: {name} ({t:.3f} s per head, median)")
+        del layouts
+    del G
     del inputs
     med = {p: statistics.median(t) for p, t in times.items()}
     floor, ref = med.get("gemm_floor"), med.get("reference")

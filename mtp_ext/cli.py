@@ -58,8 +58,9 @@ BENCH_METHOD = """\
   CPU ops multiply 16-bit operands in fp32 for want of the CPU's 16-bit dot products) is one of
   the paths; the best-layout floor
   (`--best-floor`, always with `--preset llm`) times each product in each operand layout
-  (`mtp_ext.benchmark.PRODUCT_LAYOUTS`, contiguous copies made outside the timing) and adds
-  the fastest of each. TFLOP/s: the floor's operations over the path's time.
+  (`mtp_ext.benchmark.PRODUCT_LAYOUTS`, contiguous copies made outside the timing) once in
+  every round, after the paths, and adds the fastest of each (per layout the median over
+  rounds). TFLOP/s: the floor's operations over the path's time.
 - peak memory: rise of the peak resident set over one warm step, in a fresh process per path
   (on CUDA: `torch.cuda.max_memory_allocated`), so it includes the gradients that the step
   returns (dH: n x N x D, dW: V x D, in the input dtype).

@@ -71,15 +71,18 @@ def test_compare_interleaves_paths_and_reports_the_best_layout_floor(monkeypatch
     calls = []
     make_step = B.make_step
 
-    def spy(path, case, inputs=None):
-        step = make_step(path, case, inputs)
+    def spy(path, case, inputs=None, **kw):
+        step = make_step(path, case, inputs, **kw)
         return lambda: (calls.append(path), step())[1]
 
+    time_round = B.LayoutFloor.time_round
     monkeypatch.setattr(B, "make_step", spy)
+    monkeypatch.setattr(B.LayoutFloor, "time_round",
+                        lambda self, log=None: (calls.append("layouts"), time_round(self, log))[1])
     rows = B.compare(case, paths=("fused", "reference", "gemm_floor"), repeats=3,
                      memory=False, best_floor=True, log=lambda *_: None)
-    # one warm-up each, then three rounds of every path in turn
-    assert calls == ["fused", "reference", "gemm_floor"] * 4, calls
+    # one warm-up each, then three rounds of every path and the best-layout floor's layouts
+    assert calls == ["fused", "reference", "gemm_floor", "layouts"] * 4, calls
     by = {r.path: r for r in rows}
     assert set(by) == {"fused", "reference", "gemm_floor", "best_layout_floor"}
     best = by["best_layout_floor"].seconds
