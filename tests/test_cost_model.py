@@ -147,8 +147,9 @@ def test_planned_decoding_equals_greedy(trained, schedule):  # noqa: F811
 
 def test_plain_for_good_where_no_sequence_can_leave_early(trained, monkeypatch):  # noqa: F811
     """Plain steps at a batch size whose smaller sizes would draft, but without a stop token
-    and with every sequence at the same count: they all end together, so the steps run head 0
-    alone (no trunk outputs kept for a catch-up that cannot come) and give greedy's tokens."""
+    and with every sequence at the same count: they all end together, so the prefill and the
+    steps run head 0 alone (no trunk outputs kept for a catch-up that cannot come, no draft
+    logits for drafts that cannot come) and give greedy's tokens."""
     model, n = trained, trained.cfg.n_future
     order = C.ordered_paths(model.draft_stats)
     kept = []
@@ -158,11 +159,18 @@ def test_plain_for_good_where_no_sequence_can_leave_early(trained, monkeypatch):
     lens = [5, 9, 7]
     prompts = torch.randint(32, 127, (3, 9), generator=g)
     alone = _greedy_alone(model, prompts, lens, 16)
+    heads = []
+    forward_cached = model.forward_cached
+    monkeypatch.setattr(model, "forward_cached",
+                        lambda ids, caches, h=None, **kw: heads.append(h) or
+                        forward_cached(ids, caches, h, **kw))
     out = model.generate(prompts, 16, speculative=True, prompt_lengths=lens,
                          plan=Fixed(lambda B: None if B > 1 else tuple(order[:6]), n))
     for b in range(3):
         assert out.tokens[b, lens[b]:lens[b] + 16].tolist() == alone[b].tokens[0, lens[b]:].tolist()
     assert [(B, name) for B, name, _ in out.plan.runs] == [(3, "plain")] and not kept
+    assert heads == [1] * out.forward_passes  # the prefill too: no draft head runs at all
+    monkeypatch.setattr(model, "forward_cached", forward_cached)
     stop = int(alone[0].tokens[0, lens[0] + 3])  # a stop token: sequences may leave, trunk kept
     model.generate(prompts, 16, speculative=True, prompt_lengths=lens, stop_token=stop,
                    plan=Fixed(lambda B: None if B > 1 else tuple(order[:6]), n))
