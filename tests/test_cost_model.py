@@ -71,10 +71,25 @@ def test_step_times_interpolate():
                     {1: {1: 0.5, 4: 2.0}, 4: {1: 1.0, 4: 4.0}})
     assert t.plain_time(2) == pytest.approx(2.0) and t.plain_time(9) == 4.0
     assert t.tree_time(4, 1) == pytest.approx(4.0)          # halfway between K = 2 and 6
-    assert t.tree_time(12, 1) == pytest.approx(12.0)        # proportional past the largest K
+    assert t.tree_time(12, 1) == pytest.approx(12.0)        # the line past the largest K
     assert t.tree_time(4, 4, kept=2.5) == pytest.approx(12.0 + 1.5)  # + draft(2.5) - draft(1)
     again = C.StepTimes(**t.to_dict())
     assert again.tree_time(5, 3, 3.0) == t.tree_time(5, 3, 3.0)
+
+
+def test_step_times_in_tokens_verified_are_a_least_squares_line():
+    """A noisy grid point (K = 33 timed above K = 49) does not make the bigger tree cheaper:
+    the times in K are the least-squares line through the points, never falling."""
+    pts = {2: 5.0, 9: 5.5, 25: 7.5, 33: 10.2, 49: 9.7}
+    t = C.StepTimes({1: 2.8}, {1: pts})
+    xs = list(pts)
+    mx, my = sum(xs) / 5, sum(pts.values()) / 5
+    b = sum((k - mx) * (pts[k] - my) for k in xs) / sum((k - mx) ** 2 for k in xs)
+    for K in (2, 13, 33, 49, 60):
+        assert t.tree_time(K, 1) == pytest.approx(my + b * (K - mx))
+    assert t.tree_time(33, 1) < t.tree_time(49, 1)
+    falling = C.StepTimes({1: 1.0}, {1: {2: 3.0, 8: 2.0}})  # slope clamped at 0: the mean
+    assert t.tree_time(2, 1) < t.tree_time(3, 1) and falling.tree_time(50, 1) == pytest.approx(2.5)
 
 
 def test_the_choice_follows_the_costs():

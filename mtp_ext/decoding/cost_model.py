@@ -14,9 +14,10 @@ their trees under load.
   drawn at random (batch 1: the texts' tokens over their steps, a harmonic mean).
   Candidate trees: prefixes of the rank paths ordered by their share of positions.
 - Cost: `StepTimes`, the median time of real decoding steps (generate.py's step functions on
-  random prompts) verifying K tokens at batch B, on a grid of K and of B (powers of 2), linear in
-  between; measured once per model configuration and machine, kept on the model and in a JSON
-  file (`MTP_EXT_CACHE_DIR`, default ~/.cache/mtp_ext).
+  random prompts) verifying K tokens at batch B, on a grid of K and of B (powers of 2): in K the
+  least-squares line through each batch size's points, linear between batch sizes; measured
+  once per model configuration and machine, kept on the model and in a JSON file
+  (`MTP_EXT_CACHE_DIR`, default ~/.cache/mtp_ext).
 - Choice: `Plan.choose(B)`, the candidate of most expected tokens per second, E_B / t(K, B); a
   drafting one only where it beats plain decoding by MARGIN (the grid's steps accept almost
   nothing, so the kept paths that the draft heads then run on are shorter than in decoding).
@@ -111,8 +112,9 @@ class StepTimes:
     K tokens (a tree of K - 1 candidates and the next token) and drafting after the kept path,
     timed on random prompts, where the kept path is the next token alone; `draft[B][m]`, the
     draft heads on a kept path of m tokens, which corrects tree[B][K] for the kept paths of
-    decoding (m = the expected tokens per step). Linear between the measured K, m and B;
-    constant past the largest B, proportional past the largest K."""
+    decoding (m = the expected tokens per step). In K, the least-squares line through the
+    measured points of each B (a step's time grows with the tokens it verifies; single timed
+    points are noisy); linear between the measured m and B, constant past the largest B."""
 
     def __init__(self, plain: Dict[int, float], tree: Dict[int, Dict[int, float]],
                  draft: Optional[Dict[int, Dict[int, float]]] = None):
@@ -141,8 +143,22 @@ class StepTimes:
     def plain_time(self, B: int) -> float:
         return self._interp(self.plain, B)
 
+    @staticmethod
+    def _line(points: Dict[int, float], x: float) -> float:
+        """The least-squares line through points (K, seconds) at x, its slope at least 0: one
+        step timed per grid point is noisy, and a noisy point must not make a bigger tree look
+        cheaper than a smaller one."""
+        xs = sorted(points)
+        if len(xs) == 1:
+            return points[xs[0]] * x / xs[0]
+        mx = sum(xs) / len(xs)
+        my = sum(points[k] for k in xs) / len(xs)
+        slope = max(0.0, sum((k - mx) * (points[k] - my) for k in xs)
+                    / sum((k - mx) ** 2 for k in xs))
+        return my + slope * (x - mx)
+
     def tree_time(self, K: int, B: int, kept: float = 1.0) -> float:
-        per_b = {b: self._interp(ks, K, extrapolate=True) for b, ks in self.tree.items()}
+        per_b = {b: self._line(ks, K) for b, ks in self.tree.items()}
         extra = 0.0
         if self.draft:
             per_m = lambda m: self._interp({b: self._interp(ms, m) for b, ms in
