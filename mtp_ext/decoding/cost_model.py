@@ -127,12 +127,12 @@ class StepTimes:
         return {"plain": self.plain, "tree": self.tree, "draft": self.draft}
 
     @staticmethod
-    def _interp(points: Dict[int, float], x: float, extrapolate: bool = False) -> float:
+    def _interp(points: Dict[int, float], x: float) -> float:
         xs = sorted(points)
         if x <= xs[0]:
             return points[xs[0]]
         if x >= xs[-1]:
-            return points[xs[-1]] * (x / xs[-1] if extrapolate else 1.0)
+            return points[xs[-1]]
         hi = next(v for v in xs if v >= x)
         lo = max(v for v in xs if v <= x)
         if hi == lo:

@@ -696,8 +696,8 @@ def _decode(model, input_ids, lens, max_new, speculative, stop_token, sampler,
         alive, step = _sequential_prefill(s, input_ids, lens), _sequential_step
     elif plan is not None:
         record = PlanRecord()
-        if plan.choose(input_ids.shape[0]).paths is None and s.stop is None:
-            s.heads = 1  # plain, and every sequence ends at max_new: greedy throughout, head 0 alone
+        if plan.choose(input_ids.shape[0]).paths is None and not _may_leave_early(s):
+            s.heads = 1  # plain, and all end together: plain throughout, head 0 alone
         alive = _prefill(s, input_ids, lens)
         step, s.last = _PlannedSteps(plan, n, input_ids.device, record), s.last[1:]
         B = input_ids.shape[0]
