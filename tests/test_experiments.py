@@ -3,6 +3,7 @@ mod 7 and a stack machine over the prefix tokens; induction: the names and menti
 from the tokens), their train/test splits, the run records that make an experiment resumable,
 the SVG plot, and `mtp-ext experiment` end to end for a few steps of each task."""
 import json
+import re
 import random
 import xml.etree.ElementTree as ET
 
@@ -72,6 +73,23 @@ def test_composition_and_product_by_hand():
     assert task.mul([0, 0, 0, 3, 0], [0, 0, 5, 0, 0]) == [0] * 5
 
 
+def test_exact_match_per_operation():
+    right = torch.tensor([True, False, True, True, False])
+    ops = torch.tensor([task.NEG, task.NEG, task.ADD, task.MUL, task.MUL])
+    assert task.by_operation(right, ops) == {"1:neg": 0.5, "1:add": 1.0, "1:mul": 0.5}
+    # a record from before the split has no breakdown table, and the main table keeps it
+    recs = [dict(label="n=1, 5 steps", seed=0, train_seconds=1.0,
+                 acc={str(m): 0.25 for m in range(1, 8)})]
+    t = task.Task(test_count=16)
+    assert t.breakdown(recs) is None
+    assert runner.tables(t, recs).count("| n=1, 5 steps | 25.0 |") == 1
+    recs.append(dict(recs[0], seed=1, acc=dict(recs[0]["acc"], **{"1:neg": 1.0, "1:add": 0.0,
+                                                                  "1:mul": 0.0, "1:comp": 0.5})))
+    text = runner.tables(t, recs)
+    assert "| n=1, 5 steps | 100.0 | 0.0 | 0.0 | 50.0 | 1 |" in text
+    assert "| n=1, 5 steps | 25.0 (25.0-25.0) |" in text
+
+
 def test_test_prompts_never_occur_in_training():
     rng = random.Random(0)
     train = set()
@@ -102,6 +120,11 @@ def test_experiment_command_end_to_end(tmp_path, capsys):
     assert "| n=1, 3 steps |" in text and "| n=2, 3 steps |" in text
     assert "(the FLOPs of n=2)" in text and "m=6 (out of domain)" in text
     assert "mtp-ext experiment polynomial --steps 3" in text
+    # m = 1 per operation, its prompt counts adding up to the held-out prompts
+    assert "| run | neg | add | mul | comp | seeds |" in text
+    counts = re.search(r"m = 1 by operation \(of the 8 held-out prompts: neg (\d+), add (\d+), "
+                       r"mul (\d+), comp (\d+)\)", text)
+    assert counts and sum(map(int, counts.groups())) == 8
     assert cli_main(["experiment", "polynomial", "--steps", "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
 

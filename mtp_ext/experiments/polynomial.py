@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,6 +19,7 @@ P, DEGREE = 7, 5                     # coefficients in F7, polynomials mod X^5
 NEG, ADD, MUL, COMP, EQ, BOS = range(P, P + 6)
 VOCAB = P + 6                        # 13 tokens
 OPS = {NEG: 1, ADD: 2, MUL: 2, COMP: 2}  # operator -> arity
+OP_NAMES = {NEG: "neg", ADD: "add", MUL: "mul", COMP: "comp"}
 ANSWER = DEGREE                      # answer tokens per prompt
 TEST_BUCKETS = 8                     # 1 in 8 prompts is held out for testing
 
@@ -124,16 +125,28 @@ def test_set(m: int, count: int):
 
 
 @torch.no_grad()
-def exact_match(model, m: int, count: int, batch: int = 250) -> float:
-    """Head 0's greedy decoding of the 5 answer tokens, all right, on the held-out prompts."""
+def correct(model, m: int, count: int, batch: int = 250):
+    """Head 0's greedy decoding of the 5 answer tokens on the held-out prompts of difficulty m:
+    (all 5 right, per prompt [count] bool; the prompt's outermost operation [count])."""
     prompts, lens, answers = test_set(m, count)
-    hits = 0
+    right = []
     for i in range(0, count, batch):
         p, L = prompts[i:i + batch], lens[i:i + batch]
         out = model.generate(p, ANSWER, prompt_lengths=L).tokens
         got = torch.stack([out[j, l:l + ANSWER] for j, l in enumerate(L)])
-        hits += int((got == answers[i:i + batch]).all(1).sum())
-    return hits / count
+        right.append((got == answers[i:i + batch]).all(1))
+    return torch.cat(right), prompts[:, 1]
+
+
+def exact_match(model, m: int, count: int, batch: int = 250) -> float:
+    """The fraction of held-out prompts of difficulty m whose 5 answer tokens are all right."""
+    return float(correct(model, m, count, batch)[0].float().mean())
+
+
+def by_operation(right: torch.Tensor, ops: torch.Tensor) -> Dict[str, float]:
+    """Exact match per outermost operation (at m = 1: per operation), keyed "1:neg" etc."""
+    return {f"1:{name}": float(right[ops == op].float().mean())
+            for op, name in OP_NAMES.items() if bool((ops == op).any())}
 
 
 class Task:
@@ -159,7 +172,24 @@ class Task:
         return make_batch(rng, self.train_ms, size, self.length)
 
     def evaluate(self, model) -> Dict[str, float]:
-        return {str(m): exact_match(model, m, self.test_count) for m in self.test_ms}
+        """Exact match per m, and at m = 1 per operation (keys "1:neg", "1:add", ...)."""
+        acc = {}
+        for m in self.test_ms:
+            right, ops = correct(model, m, self.test_count)
+            acc[str(m)] = float(right.float().mean())
+            if m == 1:
+                acc.update(by_operation(right, ops))
+        return acc
+
+    def breakdown(self, recs: List[dict]) -> Optional[Tuple[str, List[Tuple[str, str]]]]:
+        """The second table of the report: m = 1 per operation, for the runs that measured it
+        (records from before the split have none): (its heading, its columns)."""
+        if 1 not in self.test_ms or not any("1:neg" in r["acc"] for r in recs):
+            return None
+        ops = test_set(1, self.test_count)[0][:, 1]
+        counts = ", ".join(f"{name} {int((ops == op).sum())}" for op, name in OP_NAMES.items())
+        return (f"m = 1 by operation (of the {self.test_count} held-out prompts: {counts})",
+                [(f"1:{name}", name) for name in OP_NAMES.values()])
 
     def columns(self) -> List[Tuple[str, str]]:
         return [(str(m), f"m={m}" + ("" if m in self.train_ms else " (out of domain)"))

@@ -143,23 +143,26 @@ def run(task, runs: List[dict], common: dict, records: Optional[Path], stamp: di
     return out
 
 
-def summarize(task, recs: List[dict]) -> Dict[str, dict]:
-    """Per label (in plan order): per column the accuracies over seeds, and train seconds."""
+def summarize(task, recs: List[dict], cols=None) -> Dict[str, dict]:
+    """Per label (in plan order): per column the accuracies over seeds, and train seconds;
+    cols (default: the task's columns) the (key, name) pairs, records without them left out."""
     rows: Dict[str, dict] = {}
     for r in recs:
+        if not all(k in r["acc"] for k, _ in cols or task.columns()):
+            continue
         row = rows.setdefault(r["label"], {"acc": {}, "seconds": [], "seeds": []})
-        for k, _ in task.columns():
+        for k, _ in cols or task.columns():
             row["acc"].setdefault(k, []).append(r["acc"][k])
         row["seconds"].append(r["train_seconds"])
         row["seeds"].append(r["seed"])
     return rows
 
 
-def table(task, recs: List[dict]) -> str:
-    cols = task.columns()
+def table(task, recs: List[dict], cols=None) -> str:
+    cols = cols or task.columns()
     lines = ["| run | " + " | ".join(name for _, name in cols) + " | seeds | train s / run |",
              "|---|" + "---:|" * (len(cols) + 2)]
-    for label, row in summarize(task, recs).items():
+    for label, row in summarize(task, recs, cols).items():
         cells = []
         for k, _ in cols:
             v = row["acc"][k]
@@ -168,6 +171,17 @@ def table(task, recs: List[dict]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(row['seeds'])} | "
                      f"{statistics.median(row['seconds']):.0f} |")
     return "\n".join(lines)
+
+
+def tables(task, recs: List[dict]) -> str:
+    """The main table, then the task's breakdown table where it has one (polynomial: m = 1 per
+    operation) and some runs measured it."""
+    out = table(task, recs)
+    extra = task.breakdown(recs) if hasattr(task, "breakdown") else None
+    if extra:
+        heading, cols = extra
+        out += f"\n\n{heading}:\n\n{table(task, recs, cols)}"
+    return out
 
 
 def plot(task, recs: List[dict], path: Path) -> None:
@@ -220,7 +234,7 @@ def report(task, recs: List[dict], common: dict, layers: int, command: str, figu
             f"weights per token) are those of the largest n. The train seconds are the "
             f"median over seeds of the training loop alone.\n\n"
             f"`{command}` ({total:.0f} min of training in all; runs made on: {made})\n\n"
-            f"{table(task, recs)}\n{fig}")
+            f"{tables(task, recs)}\n{fig}")
 
 
 def make_task(args):
@@ -249,7 +263,7 @@ def main(args) -> int:
         Path(args.out).parent / "experiments" / f"{task.name}-runs.jsonl" if args.out else None)
     stamp = dict(machine=_machine(), commit=_commit(), date=datetime.date.today().isoformat())
     recs = run(task, runs, common, records, stamp, log=log)
-    print(table(task, recs))
+    print(tables(task, recs))
     if args.out:  # a section (and plot) per recipe
         name = task.name + ("" if args.recipe == "cosine" else f"-{args.recipe}")
         figure = Path(args.out).parent / "experiments" / f"{name}.svg"
