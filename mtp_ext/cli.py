@@ -220,9 +220,12 @@ def _add_train(sub):
 def experiment(args) -> int:
     from .experiments.runner import main as run
     given = [v for v in (args.steps, args.layers, args.seeds) if v is not None]
-    if min([args.test_count, *given, *(args.heads or []), *(args.sizes or [])]) < 1:
-        raise ValueError("--steps, --seeds, --test-count, --heads, --sizes and --layers must "
-                         "be positive")
+    if min([args.test_count, *given, *(args.heads or []), *(args.sizes or []),
+            *(args.train_m or [])]) < 1:
+        raise ValueError("--steps, --seeds, --test-count, --heads, --sizes, --layers and "
+                         "--train-m must be positive")
+    if args.train_m and args.task != "polynomial":
+        raise ValueError(f"--train-m is for the polynomial task, not {args.task!r}")
     return run(args)
 
 
@@ -362,6 +365,9 @@ def main(argv=None) -> int:
                    "own section)")
     x.add_argument("--test-count", type=int, default=500,
                    help="held-out prompts (polynomial: per difficulty) or sequences (induction)")
+    x.add_argument("--train-m", type=int, nargs="+", default=None,
+                   help="polynomial: the difficulties trained on, uniformly (None: 1 2 3 4 5); "
+                   "another set has its own section and plot")
     x.add_argument("--out", default=None, help="write the report's section into this markdown "
                    "file (docs/experiments.md), its plot and run records into experiments/ "
                    "beside it")

@@ -129,6 +129,26 @@ def test_experiment_command_end_to_end(tmp_path, capsys):
     assert "must be positive" in capsys.readouterr().err
 
 
+def test_polynomial_trained_on_fewer_difficulties(tmp_path, capsys):
+    out = tmp_path / "experiments.md"
+    args = ["experiment", "polynomial", "--steps", "2", "--seeds", "1", "--heads", "1",
+            "--no-equal-compute", "--test-count", "4", "--recipe", "constant", "--out", str(out)]
+    assert cli_main(args + ["--train-m", "2", "1"]) == 0
+    text = out.read_text()
+    assert "<!-- polynomial-train-m1-2-constant -->" in text
+    assert "## Polynomial arithmetic, trained on m in [1, 2] (constant learning rate)" in text
+    assert "Trained on m in [1, 2] (uniform)" in text and "m=3 (out of domain)" in text
+    assert (tmp_path / "experiments" / "polynomial-train-m1-2-constant.svg").exists()
+    x, _ = task.Task(train_ms=[1, 2]).batch(random.Random(0), 64)
+    assert x.shape[1] == task.max_len(2) == 24          # sequences of m <= 2 only
+    assert all(sum(t in task.OPS for t in row) <= 2 for row in x.tolist())
+    capsys.readouterr()
+    assert cli_main(args + ["--train-m", "0"]) == 2
+    assert "--train-m must be positive" in capsys.readouterr().err
+    assert cli_main(["experiment", "induction", "--train-m", "1"]) == 2
+    assert "--train-m is for the polynomial task, not 'induction'" in capsys.readouterr().err
+
+
 def test_runs_are_read_back_from_the_records(tmp_path, monkeypatch, capsys):
     out = tmp_path / "experiments.md"
     args = ["experiment", "polynomial", "--steps", "2", "--seeds", "1", "--heads", "1", "2",

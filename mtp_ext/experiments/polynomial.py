@@ -162,6 +162,10 @@ class Task:
     def __init__(self, train_ms: Sequence[int] = (1, 2, 3, 4, 5),
                  test_ms: Sequence[int] = (1, 2, 3, 4, 5, 6, 7), test_count: int = 500):
         self.train_ms, self.test_ms, self.test_count = list(train_ms), list(test_ms), test_count
+        # another training set of difficulties: its own section and plot (e.g. "-train-m1-2")
+        default = list(train_ms) == [1, 2, 3, 4, 5]
+        self.variant = "" if default else "-train-m" + "-".join(map(str, self.train_ms))
+        self.subtitle = "" if default else f", trained on m in {self.train_ms}"
         self.max_seq_len = max_len(max(self.train_ms + self.test_ms)) + 8
         self.length = max_len(max(self.train_ms))
 

@@ -228,7 +228,7 @@ def report(task, recs: List[dict], common: dict, layers: int, command: str, figu
     total = sum(r["train_seconds"] for r in recs) / 60
     fig = f"\n![{task.plot_title}]({figure})\n" if figure else ""
     recipe = RECIPES[common["recipe"]].format(lr=common["lr"])
-    return (f"## {task.title} ({common['recipe']} learning rate)\n\n{task.describe()} Mean over "
+    return (f"## {task.title}{getattr(task, 'subtitle', '')} ({common['recipe']} learning rate)\n\n{task.describe()} Mean over "
             f"seeds in % (min-max). Reference model: {layers} trunk layers, one layer per head; "
             f"batch {common['batch']}; {recipe}. Equal compute: n = 1 for the steps whose training FLOPs (6 x "
             f"weights per token) are those of the largest n. The train seconds are the "
@@ -240,6 +240,8 @@ def report(task, recs: List[dict], common: dict, layers: int, command: str, figu
 def make_task(args):
     if args.task == "polynomial":
         from .polynomial import Task
+        if args.train_m:
+            return Task(train_ms=sorted(set(args.train_m)), test_count=args.test_count)
         return Task(test_count=args.test_count)
     from .induction import Task
     return Task(test_count=args.test_count)
@@ -265,7 +267,8 @@ def main(args) -> int:
     recs = run(task, runs, common, records, stamp, log=log)
     print(tables(task, recs))
     if args.out:  # a section (and plot) per recipe
-        name = task.name + ("" if args.recipe == "cosine" else f"-{args.recipe}")
+        name = (task.name + getattr(task, "variant", "")
+                + ("" if args.recipe == "cosine" else f"-{args.recipe}"))
         figure = Path(args.out).parent / "experiments" / f"{name}.svg"
         plot(task, recs, figure)
         rel = figure.relative_to(Path(args.out).parent).as_posix()
