@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -401,6 +402,11 @@ def compare(case: Case, paths=PATHS, repeats: int = 3, memory: bool = True, best
     return rows
 
 
+def _ratio(x: Optional[float]) -> str:
+    """A ratio cell: blank where there is nothing to divide by (no gemm_floor path timed)."""
+    return "" if x is None or math.isnan(x) else f"{x:.3f}"
+
+
 def format_table(case: Case, rows: List[Row]) -> str:
     out = [f"{case.label()}",
            "| path | time (s) | time / GEMM floor | speedup vs reference | peak memory (MiB) "
@@ -413,7 +419,7 @@ def format_table(case: Case, rows: List[Row]) -> str:
         save = f"{ref_mib / r.peak_mib:.1f}x" if ref_mib and r.peak_mib else ""
         best = "" if r.vs_best is None else f"{r.vs_best:.3f}"
         rate = "" if r.tflops is None else f"{r.tflops:.2f}"
-        out.append(f"| {r.path} | {r.seconds:.3f} | {r.vs_floor:.3f} | {sp} | {mem} | {save} "
+        out.append(f"| {r.path} | {r.seconds:.3f} | {_ratio(r.vs_floor)} | {sp} | {mem} | {save} "
                    f"| {best} | {rate} |")
     return "\n".join(out)
 
@@ -435,8 +441,8 @@ def format_summary(results) -> str:
         lean = min(mems, key=lambda r: r.peak_mib) if mems else None
         fmem = "" if fused.peak_mib is None else f"{fused.peak_mib:.0f}"
         lmem = "" if lean is None else f"{lean.peak_mib:.0f} ({lean.path})"
-        out.append(f"| {case.label().replace(' shared', '')} | {fused.vs_floor:.3f} | "
-                   f"{fast.path} {fast.vs_floor:.3f} | {fused.seconds / fast.seconds:.3f} | "
+        out.append(f"| {case.label().replace(' shared', '')} | {_ratio(fused.vs_floor)} | "
+                   f"{fast.path} {_ratio(fast.vs_floor)} | {fused.seconds / fast.seconds:.3f} | "
                    f"{fmem} | {lmem} |")
     return "\n".join(out) + "\n"
 
@@ -458,7 +464,7 @@ def parse_tables(text: str):
             cells = [c.strip() for c in line.strip("|").split("|")]
             num = lambda c: float(c.rstrip("x")) if c else None
             more = [num(c) for c in cells[6:8]] if len(cells) >= 8 else []
-            rows.append(Row(cells[0], float(cells[1]), float(cells[2]), num(cells[3]),
+            rows.append(Row(cells[0], float(cells[1]), float(cells[2] or "nan"), num(cells[3]),
                             num(cells[4]), *more))
     return results
 

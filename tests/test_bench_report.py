@@ -35,6 +35,18 @@ def test_tables_round_trip():
                 assert a.peak_mib == pytest.approx(b.peak_mib, abs=0.5)
 
 
+def test_a_run_without_the_floor_as_written_leaves_its_ratio_blank():
+    case = B.Case(n=4, N=64, D=32, V=500, dtype="fp32")
+    rows = [B.Row("fused", 2.0, float("nan"), None, 12.0, 1.05, 0.2),
+            B.Row("best_layout_floor", 1.9, float("nan"), None, None, 1.0, 0.21)]
+    text = B.format_table(case, rows)
+    assert "nan" not in text and "| fused | 2.000 |  |  | 12 |  | 1.050 | 0.20 |" in text
+    (_, [got]), = B.parse_tables(text)
+    assert got.path == "fused" and got.vs_best == pytest.approx(1.05) and got.vs_floor != got.vs_floor
+    summary = B.format_summary([(case, rows + [B.Row("compiled", 2.2, float("nan"), None, 30.0)])])
+    assert "nan" not in summary and "| compiled  |" in summary
+
+
 def test_plot_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "plot.png"
