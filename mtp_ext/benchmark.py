@@ -285,6 +285,11 @@ class LayoutFloor:
         self.products = [p for p in PRODUCT_LAYOUTS if case.backward or p == "logits X W^T"]
         self.times: Dict[tuple, List[float]] = {}
 
+    def warm_up(self) -> None:
+        """One untimed round: each layout's first run (allocations, BLAS's own set-up)."""
+        self.time_round()
+        self.times.clear()
+
     def time_round(self, log=None) -> float:
         """One run of every layout of every product; returns this round's best-layout sum."""
         best = {}
@@ -313,8 +318,7 @@ def best_layout_floor(case: Case, repeats: int = 3, inputs=None, log=print):
     """The best-layout floor alone (LayoutFloor for `repeats` rounds, after one warm-up run of
     each layout). Returns (seconds, {product: (fastest layout, seconds per head)})."""
     floor = LayoutFloor(case, inputs)
-    floor.time_round()
-    floor.times.clear()
+    floor.warm_up()
     for _ in range(repeats):
         floor.time_round(log)
     return floor.result()
@@ -364,8 +368,7 @@ def compare(case: Case, paths=PATHS, repeats: int = 3, memory: bool = True, best
     if best_floor:  # timed in the same rounds as the paths: the machine's drift hits both
         log("  warming the best-layout floor ...")
         layouts = LayoutFloor(case, inputs, G)
-        layouts.time_round()
-        layouts.times.clear()
+        layouts.warm_up()
     for r in range(repeats):
         for p, step in steps.items():
             times.setdefault(p, []).append(time_once(step, case.device))
