@@ -138,11 +138,6 @@ def correct(model, m: int, count: int, batch: int = 250):
     return torch.cat(right), prompts[:, 1]
 
 
-def exact_match(model, m: int, count: int, batch: int = 250) -> float:
-    """The fraction of held-out prompts of difficulty m whose 5 answer tokens are all right."""
-    return float(correct(model, m, count, batch)[0].float().mean())
-
-
 def by_operation(right: torch.Tensor, ops: torch.Tensor) -> Dict[str, float]:
     """Exact match per outermost operation (at m = 1: per operation), keyed "1:neg" etc."""
     return {f"1:{name}": float(right[ops == op].float().mean())

@@ -146,12 +146,13 @@ def run(task, runs: List[dict], common: dict, records: Optional[Path], stamp: di
 def summarize(task, recs: List[dict], cols=None) -> Dict[str, dict]:
     """Per label (in plan order): per column the accuracies over seeds, and train seconds;
     cols (default: the task's columns) the (key, name) pairs, records without them left out."""
+    cols = cols or task.columns()
     rows: Dict[str, dict] = {}
     for r in recs:
-        if not all(k in r["acc"] for k, _ in cols or task.columns()):
+        if not all(k in r["acc"] for k, _ in cols):
             continue
         row = rows.setdefault(r["label"], {"acc": {}, "seconds": [], "seeds": []})
-        for k, _ in cols or task.columns():
+        for k, _ in cols:
             row["acc"].setdefault(k, []).append(r["acc"][k])
         row["seconds"].append(r["train_seconds"])
         row["seeds"].append(r["seed"])
